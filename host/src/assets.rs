@@ -1,0 +1,1 @@
+//! TODO(assets): filled in by its owner.

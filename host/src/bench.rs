@@ -1,0 +1,1 @@
+//! TODO(bench): filled in by its owner.

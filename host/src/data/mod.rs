@@ -1,0 +1,1 @@
+//! Data path: records, tokenization, masking, batching.

@@ -1,0 +1,27 @@
+//! # whetstone-host
+//!
+//! The native host of Whetstone: it owns the pretrained model, the tensors (candle), autograd and
+//! the training loop. PEFT methods, losses and data loaders plug into it (see `DESIGN.md`).
+//!
+//! Module map:
+//! - [`params`]: named parameters that are frozen or trainable, selected by name patterns;
+//! - [`ops`]: differentiable operations whose backward is proven by finite-difference tests;
+//! - [`model`]: the model architectures the host owns (Llama family, BERT family), loaders and
+//!   generation;
+//! - [`data`]: records, tokenization, masking, batching;
+//! - [`train`]: optimizer, schedules, checkpoints, metrics and the training loop;
+//! - [`recipe`]: the TOML recipe that describes a fine-tuning run;
+//! - [`assets`]: fetching and verifying the real models and datasets;
+//! - [`bench`]: measured figures (step time, tokens/s, peak RSS).
+
+pub mod assets;
+pub mod bench;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod ops;
+pub mod params;
+pub mod recipe;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,77 @@
+//! The model architectures the host owns, with module and parameter names exactly as Hugging
+//! Face names them (so PEFT's `target_modules` and adapter keys apply unchanged).
+
+pub mod bert;
+pub mod generate;
+pub mod gguf;
+pub mod hf;
+pub mod llama;
+pub mod load;
+pub mod tokenizer;
+
+use candle_core::Tensor;
+
+use crate::params::ParamStore;
+use crate::Result;
+
+/// What a model's forward produces and how its loss is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskKind {
+    /// Next-token prediction: logits `[batch, seq, vocab]`.
+    CausalLm,
+    /// Sequence classification: logits `[batch, num_labels]`.
+    SequenceClassification {
+        /// Number of classes.
+        num_labels: usize,
+    },
+}
+
+/// One batch of tokenized, padded examples on the model's device.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids `[batch, seq]` (u32).
+    pub input_ids: Tensor,
+    /// `[batch, seq]` (u32): 1 for real tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// Causal LM: `[batch, seq]` (i64), the input ids with positions excluded from the loss set to
+    /// [`crate::ops::IGNORE_INDEX`]. Classification: `[batch]` (i64) class ids.
+    pub labels: Tensor,
+    /// Number of real (non-padding) tokens, for throughput figures.
+    pub num_tokens: usize,
+}
+
+/// Whether dropout and other training-only behaviour are active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Training: dropout active.
+    Train,
+    /// Evaluation / inference: deterministic.
+    Eval,
+}
+
+/// A model the trainer can fine-tune.
+pub trait Model: Send + Sync {
+    /// Architecture name as in `config.json` (`LlamaForCausalLM`, `BertForSequenceClassification`).
+    fn architecture(&self) -> &str;
+
+    /// What the forward produces.
+    fn task(&self) -> TaskKind;
+
+    /// All parameters, under their Hugging Face names.
+    fn params(&self) -> &ParamStore;
+
+    /// Logits for a batch (see [`TaskKind`] for the shape).
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor>;
+
+    /// The names of the linear modules (candidates for PEFT's `target_modules`).
+    fn linear_module_names(&self) -> Vec<String>;
+
+    /// The loss of a batch: cross-entropy over classes, or next-token cross-entropy over the
+    /// unmasked label positions.
+    fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        Ok(match self.task() {
+            TaskKind::CausalLm => crate::ops::causal_lm_loss(logits, labels)?,
+            TaskKind::SequenceClassification { .. } => crate::ops::cross_entropy(logits, labels)?,
+        })
+    }
+}

@@ -1,0 +1,130 @@
+//! Linear layers over frozen or trainable weights.
+//!
+//! A frozen weight goes through [`FrozenLinear`], a custom op whose backward returns only
+//! `dX = dY · W`: no `[out, in]` weight gradient is ever computed or stored for it.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+
+use crate::params::Param;
+
+/// `x · Wᵀ` for a frozen `W` `[out, in]`; `x` is 2-D `[rows, in]` and contiguous.
+struct FrozenLinear {
+    weight: Tensor,
+}
+
+impl FrozenLinear {
+    fn bmnk(&self, x: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (rows, k) = x.shape().dims2()?;
+        let (n, wk) = self.weight.dims2()?;
+        if k != wk {
+            candle_core::bail!("frozen linear: input has {k} features, weight expects {wk}");
+        }
+        Ok((1, rows, n, k))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let bmnk = self.bmnk(x_layout)?;
+        let (storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(w) = &*storage else {
+            candle_core::bail!("frozen linear: weight is not on the CPU");
+        };
+        let wt_layout = w_layout.transpose(0, 1)?;
+        let out = x.matmul(w, bmnk, x_layout, &wt_layout)?;
+        Ok((out, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let bmnk = self.bmnk(x_layout)?;
+        let (storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cuda(w) = &*storage else {
+            candle_core::bail!("frozen linear: weight is not on the CUDA device");
+        };
+        let wt_layout = w_layout.transpose(0, 1)?;
+        let out = x.matmul(w, bmnk, x_layout, &wt_layout)?;
+        Ok((out, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight)?))
+    }
+}
+
+/// `x · Wᵀ` for a frozen weight `[out, in]` and `x` of shape `[..., in]`; gradients flow to `x`
+/// only. The weight must be contiguous.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_features = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen linear: scalar input".into()))?;
+    let rows = x.elem_count() / in_features.max(1);
+    let x2 = x.reshape((rows, in_features))?.contiguous()?;
+    let weight = weight.contiguous()?;
+    let op = FrozenLinear { weight };
+    let y = if x2.track_op() { x2.apply_op1(op)? } else { x2.apply_op1_no_bwd(&op)? };
+    let mut out_dims = dims;
+    let last = out_dims.len() - 1;
+    out_dims[last] = y.dim(1)?;
+    y.reshape(out_dims)
+}
+
+/// A linear layer `y = x Wᵀ + b` whose weight and bias are shared [`Param`]s, frozen or trainable.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Module name, e.g. `model.layers.0.self_attn.q_proj` (PEFT's `target_modules` match it).
+    pub name: String,
+    weight: Arc<Param>,
+    bias: Option<Arc<Param>>,
+}
+
+impl Linear {
+    /// A linear layer named `name` over `weight` `[out, in]` and an optional `bias` `[out]`.
+    pub fn new(name: impl Into<String>, weight: Arc<Param>, bias: Option<Arc<Param>>) -> Self {
+        Self { name: name.into(), weight, bias }
+    }
+
+    /// The weight parameter.
+    pub fn weight(&self) -> &Arc<Param> {
+        &self.weight
+    }
+
+    /// The bias parameter, if any.
+    pub fn bias(&self) -> Option<&Arc<Param>> {
+        self.bias.as_ref()
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> candle_core::Result<usize> {
+        self.weight.tensor().dim(1)
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> candle_core::Result<usize> {
+        self.weight.tensor().dim(0)
+    }
+
+    /// Applies the layer to `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight.tensor();
+        let y = if self.weight.is_trainable() {
+            x.broadcast_matmul(&w.t()?)?
+        } else {
+            frozen_linear(x, &w)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.tensor()),
+            None => Ok(y),
+        }
+    }
+}

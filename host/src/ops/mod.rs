@@ -1,0 +1,41 @@
+//! Differentiable operations used by the host's models.
+//!
+//! DESIGN.md principle 5: several fast candle ops (`softmax_last_dim`, `rms_norm`, `layer_norm`,
+//! `rope`, `QMatMul`) have no backward and silently drop gradients, and candle's matmul backward
+//! computes a gradient for frozen weights too. The model code therefore only uses the operations
+//! of this module, each covered by a finite-difference gradient test, and multiplies by frozen
+//! weights through [`frozen_linear`], whose backward computes only the input gradient.
+
+mod activation;
+mod attention;
+mod dropout;
+mod linear;
+mod loss;
+mod norm;
+mod rope;
+
+pub use activation::{gelu, silu, swiglu};
+pub use attention::{attention_bias, repeat_kv, scaled_dot_product_attention};
+pub use dropout::dropout;
+pub use linear::{frozen_linear, Linear};
+pub use loss::{causal_lm_loss, cross_entropy, IGNORE_INDEX};
+pub use norm::{layer_norm, rms_norm};
+pub use rope::{rope, RotaryEmbedding};
+
+/// Softmax over the last dimension, built from differentiable primitives (max-shifted).
+pub fn softmax_last_dim(xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    candle_nn::ops::softmax(xs, candle_core::D::Minus1)
+}
+
+/// Log-softmax over the last dimension, built from differentiable primitives.
+pub fn log_softmax_last_dim(xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    candle_nn::ops::log_softmax(xs, candle_core::D::Minus1)
+}
+
+/// Embedding lookup: rows of `table` `[vocab, hidden]` for `ids` of any shape; the result has
+/// shape `ids.shape() + [hidden]`. Differentiable in `table` when it is trainable.
+pub fn embedding(table: &candle_core::Tensor, ids: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    let mut dims = ids.dims().to_vec();
+    dims.push(table.dim(1)?);
+    table.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+}

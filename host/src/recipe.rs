@@ -1,0 +1,1 @@
+//! TODO(recipe): filled in by its owner.
