@@ -17,6 +17,7 @@
 pub mod assets;
 pub mod bench;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod model;
 pub mod ops;

@@ -1,1 +1,24 @@
 //! Data path: records, tokenization, masking, batching.
+//!
+//! The stages are kept apart so that reading can move into data-loader plugins:
+//! - [`records`]: files (JSON lines, JSON arrays, CSV, TSV) to [`Record`]s, each with its file
+//!   and line;
+//! - [`template`]: chat templates (the model's Jinja template, or ChatML);
+//! - [`tokenize`]: records to [`Example`]s (truncation, prompt / assistant-turn masking, packing);
+//! - [`prepare`](mod@prepare): the whole path from a `[data]` section and a model, with the seeded
+//!   train/validation split;
+//! - [`batch`]: seeded per-epoch batch order and padding into a [`crate::model::Batch`].
+
+pub mod batch;
+pub mod config;
+pub mod prepare;
+pub mod records;
+pub mod template;
+pub mod tokenize;
+
+pub use batch::{collate, BatchOrder};
+pub use config::{DataConfig, Format, LossOn};
+pub use prepare::{prepare, prepare_with, PreparedData};
+pub use records::{Record, SourcedRecord};
+pub use template::{ChatMessage, ChatTemplate};
+pub use tokenize::{Example, ExampleLabels};

@@ -38,7 +38,10 @@ pub fn read_config(dir: &Path) -> Result<Value> {
     }
     let value = read_json(&path)?;
     if !value.is_object() {
-        return Err(Error::bad_file(&path, "config.json must hold a JSON object"));
+        return Err(Error::bad_file(
+            &path,
+            "config.json must hold a JSON object",
+        ));
     }
     Ok(value)
 }
@@ -58,13 +61,22 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         ));
     }
     let index = read_json(&index_path)?;
-    let map = index.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
-        Error::bad_file(&index_path, "missing the `weight_map` object (tensor name → shard file)")
-    })?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| {
+            Error::bad_file(
+                &index_path,
+                "missing the `weight_map` object (tensor name → shard file)",
+            )
+        })?;
     let mut shards = BTreeSet::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| {
-            Error::bad_file(&index_path, format!("weight_map entry `{tensor}` is not a file name"))
+            Error::bad_file(
+                &index_path,
+                format!("weight_map entry `{tensor}` is not a file name"),
+            )
         })?;
         shards.insert(file.to_string());
     }
@@ -110,7 +122,10 @@ pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
         }
         for (name, tensor) in load_safetensors_file(&file, device)? {
             if all.insert(name.clone(), tensor).is_some() {
-                return Err(Error::bad_file(&file, format!("tensor `{name}` appears in more than one shard")));
+                return Err(Error::bad_file(
+                    &file,
+                    format!("tensor `{name}` appears in more than one shard"),
+                ));
             }
         }
     }
@@ -122,7 +137,10 @@ pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
 pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
     let path = dir.join("tokenizer.json");
     if !path.is_file() {
-        return Err(Error::bad_file(&path, "tokenizer.json not found in the model directory"));
+        return Err(Error::bad_file(
+            &path,
+            "tokenizer.json not found in the model directory",
+        ));
     }
     let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
         .map_err(|e| Error::bad_file(&path, format!("invalid tokenizer: {e}")))?;
@@ -161,7 +179,10 @@ fn special_token_fields(dir: &Path) -> Result<serde_json::Map<String, Value>> {
 /// Whether encoding with special tokens already puts `bos` first (a `TemplateProcessing`
 /// post-processor), in which case the host must not prepend it again.
 fn tokenizer_adds(tokenizer: &tokenizers::Tokenizer, bos: u32) -> bool {
-    tokenizer.encode("a", true).map(|enc| enc.get_ids().first() == Some(&bos)).unwrap_or(false)
+    tokenizer
+        .encode("a", true)
+        .map(|enc| enc.get_ids().first() == Some(&bos))
+        .unwrap_or(false)
 }
 
 /// The special token ids of a model directory, from `tokenizer_config.json` and
@@ -171,10 +192,16 @@ fn tokenizer_adds(tokenizer: &tokenizers::Tokenizer, bos: u32) -> bool {
 /// when `tokenizer_config.json` asks for a BOS (`add_bos_token`) and the tokenizer's own
 /// post-processor does not already add it. BERT's `[CLS]`/`[SEP]` are added by its tokenizer's
 /// post-processor and need no entry here.
-pub fn special_tokens_from_dir(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<SpecialTokens> {
+pub fn special_tokens_from_dir(
+    dir: &Path,
+    tokenizer: &tokenizers::Tokenizer,
+) -> Result<SpecialTokens> {
     let fields = special_token_fields(dir)?;
     let id_of = |key: &str| {
-        fields.get(key).and_then(token_content).and_then(|token| tokenizer.token_to_id(token))
+        fields
+            .get(key)
+            .and_then(token_content)
+            .and_then(|token| tokenizer.token_to_id(token))
     };
     let bos = id_of("bos_token");
     let eos = id_of("eos_token");
@@ -183,12 +210,20 @@ pub fn special_tokens_from_dir(dir: &Path, tokenizer: &tokenizers::Tokenizer) ->
         .or_else(|| tokenizer.token_to_id("<pad>"))
         .or(eos)
         .unwrap_or(0);
-    let wants_bos = fields.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+    let wants_bos = fields
+        .get("add_bos_token")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let add_bos = match bos {
         Some(bos) if wants_bos => !tokenizer_adds(tokenizer, bos),
         _ => false,
     };
-    Ok(SpecialTokens { bos, eos, pad, add_bos })
+    Ok(SpecialTokens {
+        bos,
+        eos,
+        pad,
+        add_bos,
+    })
 }
 
 /// The Jinja chat template of `dir/tokenizer_config.json` (`chat_template`), when there is one.

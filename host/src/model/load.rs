@@ -2,11 +2,13 @@
 //! (`config.json` + safetensors + `tokenizer.json`), dispatched on the file type and the
 //! `architectures` / `model_type` fields.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::Model;
+use super::llama::Llama;
+use super::{bert, hf, Model};
+use crate::{Error, Result};
 
 /// How a sequence-classification head pools the encoder's token states.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,4 +85,93 @@ pub struct LoadedModel {
     pub max_positions: usize,
     /// Where it was loaded from.
     pub source: PathBuf,
+}
+
+/// Model families the host implements, keyed by `config.json`'s `model_type`.
+const LLAMA_TYPES: &[&str] = &["llama", "mistral", "qwen2", "smollm", "smollm2"];
+const BERT_TYPES: &[&str] = &["bert", "roberta", "xlm-roberta"];
+
+/// Loads the model described by `spec` onto `device`. `seed` initialises any new head and seeds
+/// dropout.
+///
+/// `spec.path` may be a `.gguf` file, a Hugging Face directory, a directory holding exactly one
+/// `.gguf` file, or `asset:NAME` for a fetched asset.
+pub fn load(spec: &ModelSpec, device: &candle_core::Device, seed: u64) -> Result<LoadedModel> {
+    let path = crate::assets::resolve_path(&spec.path)?;
+    let path = gguf_in_dir(&path)?.unwrap_or(path);
+    if !path.exists() {
+        return Err(Error::bad_file(&path, "no such file or directory (model.path in the recipe, or --model)"));
+    }
+    let started = std::time::Instant::now();
+    let loaded = if path.is_file() {
+        if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+            return Err(Error::bad_file(
+                &path,
+                "not a model: expected a .gguf file or a Hugging Face directory with config.json",
+            ));
+        }
+        require_causal_lm(spec, &path)?;
+        Llama::load_gguf(&path, device)?
+    } else {
+        let config = hf::read_config(&path)?;
+        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or_default();
+        if LLAMA_TYPES.contains(&model_type) {
+            require_causal_lm(spec, &path)?;
+            Llama::load_hf_dir(&path, device)?
+        } else if BERT_TYPES.contains(&model_type) {
+            bert::load_hf_dir(&path, spec, device, seed)?
+        } else {
+            return Err(Error::bad_file(
+                path.join("config.json"),
+                format!(
+                    "unsupported model_type `{model_type}`: supported are {} (causal LM) and {} (encoder)",
+                    LLAMA_TYPES.join(", "),
+                    BERT_TYPES.join(", ")
+                ),
+            ));
+        }
+    };
+    tracing::info!(
+        path = %path.display(),
+        architecture = loaded.model.architecture(),
+        params = loaded.model.params().num_params(),
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    Ok(loaded)
+}
+
+/// The single `.gguf` file inside `dir`, when `dir` is a directory without `config.json`.
+fn gguf_in_dir(dir: &Path) -> Result<Option<PathBuf>> {
+    if !dir.is_dir() || dir.join("config.json").exists() {
+        return Ok(None);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let ggufs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("gguf"))
+        .collect();
+    match ggufs.as_slice() {
+        [one] => Ok(Some(one.clone())),
+        [] => Ok(None),
+        _ => Err(Error::bad_file(dir, "holds several .gguf files: name the one to load")),
+    }
+}
+
+fn require_causal_lm(spec: &ModelSpec, path: &Path) -> Result<()> {
+    if spec.task == TaskSpec::CausalLm {
+        Ok(())
+    } else {
+        Err(Error::config(format!(
+            "{} is a causal LM (Llama family): set `task = \"causal-lm\"` in the [model] section",
+            path.display()
+        )))
+    }
+}
+
+impl ModelSpec {
+    /// A spec for `path` with the given task and defaults for everything else.
+    pub fn new(path: impl Into<String>, task: TaskSpec) -> Self {
+        Self { path: path.into(), task, num_labels: default_num_labels(), pooling: Pooling::default(), dropout: None }
+    }
 }

@@ -16,3 +16,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.gelu_erf()
 }
+
+/// GELU, tanh approximation (`hidden_act = "gelu_new"` / `"gelu_pytorch_tanh"`).
+pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.gelu()
+}

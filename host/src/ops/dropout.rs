@@ -13,7 +13,9 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut dyn RngCore) -> candle_core::Result
         return x.zeros_like();
     }
     let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
 }

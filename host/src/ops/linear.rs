@@ -31,7 +31,11 @@ impl CustomOp1 for FrozenLinear {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let bmnk = self.bmnk(x_layout)?;
         let (storage, w_layout) = self.weight.storage_and_layout();
         let Storage::Cpu(w) = &*storage else {
@@ -58,7 +62,12 @@ impl CustomOp1 for FrozenLinear {
         Ok((out, Shape::from((bmnk.1, bmnk.2))))
     }
 
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.weight)?))
     }
 }
@@ -67,12 +76,18 @@ impl CustomOp1 for FrozenLinear {
 /// only. The weight must be contiguous.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
-    let in_features = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen linear: scalar input".into()))?;
+    let in_features = *dims
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("frozen linear: scalar input".into()))?;
     let rows = x.elem_count() / in_features.max(1);
     let x2 = x.reshape((rows, in_features))?.contiguous()?;
     let weight = weight.contiguous()?;
     let op = FrozenLinear { weight };
-    let y = if x2.track_op() { x2.apply_op1(op)? } else { x2.apply_op1_no_bwd(&op)? };
+    let y = if x2.track_op() {
+        x2.apply_op1(op)?
+    } else {
+        x2.apply_op1_no_bwd(&op)?
+    };
     let mut out_dims = dims;
     let last = out_dims.len() - 1;
     out_dims[last] = y.dim(1)?;
@@ -91,7 +106,11 @@ pub struct Linear {
 impl Linear {
     /// A linear layer named `name` over `weight` `[out, in]` and an optional `bias` `[out]`.
     pub fn new(name: impl Into<String>, weight: Arc<Param>, bias: Option<Arc<Param>>) -> Self {
-        Self { name: name.into(), weight, bias }
+        Self {
+            name: name.into(),
+            weight,
+            bias,
+        }
     }
 
     /// The weight parameter.

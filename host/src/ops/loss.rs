@@ -11,11 +11,15 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
     let targets = targets.to_dtype(DType::I64)?;
     let valid = targets.ne(IGNORE_INDEX)?;
     let count = valid.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
-    let safe_targets = valid.where_cond(&targets, &targets.zeros_like()?)?.to_dtype(DType::U32)?;
+    let safe_targets = valid
+        .where_cond(&targets, &targets.zeros_like()?)?
+        .to_dtype(DType::U32)?;
     let log_probs = super::log_softmax_last_dim(logits)?;
-    let picked = log_probs.gather(&safe_targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
+    let picked = log_probs
+        .gather(&safe_targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?;
     let weights = valid.to_dtype(picked.dtype())?;
-    (picked.mul(&weights)?.sum_all()?.neg()? / f64::from(count.max(1.0)))
+    picked.mul(&weights)?.sum_all()?.neg()? / f64::from(count.max(1.0))
 }
 
 /// Next-token loss of a causal LM: `logits` `[b, s, vocab]` at position `t` predict `labels`

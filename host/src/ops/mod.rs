@@ -14,7 +14,7 @@ mod loss;
 mod norm;
 mod rope;
 
-pub use activation::{gelu, silu, swiglu};
+pub use activation::{gelu, gelu_tanh, silu, swiglu};
 pub use attention::{attention_bias, repeat_kv, scaled_dot_product_attention};
 pub use dropout::dropout;
 pub use linear::{frozen_linear, Linear};
@@ -34,7 +34,10 @@ pub fn log_softmax_last_dim(xs: &candle_core::Tensor) -> candle_core::Result<can
 
 /// Embedding lookup: rows of `table` `[vocab, hidden]` for `ids` of any shape; the result has
 /// shape `ids.shape() + [hidden]`. Differentiable in `table` when it is trainable.
-pub fn embedding(table: &candle_core::Tensor, ids: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+pub fn embedding(
+    table: &candle_core::Tensor,
+    ids: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
     let mut dims = ids.dims().to_vec();
     dims.push(table.dim(1)?);
     table.index_select(&ids.flatten_all()?, 0)?.reshape(dims)

@@ -11,10 +11,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Te
 }
 
 /// LayerNorm: `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension (BERT).
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (var + eps)?.sqrt()?.recip()?;
-    centered.broadcast_mul(&inv)?.broadcast_mul(weight)?.broadcast_add(bias)
+    centered
+        .broadcast_mul(&inv)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
 }

@@ -11,16 +11,27 @@ pub struct RotaryEmbedding {
 
 impl RotaryEmbedding {
     /// Tables for `head_dim` and up to `max_positions`, base `theta` (Llama: 10000, SmolLM2: 1e5).
-    pub fn new(head_dim: usize, max_positions: usize, theta: f64, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        max_positions: usize,
+        theta: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+            .collect();
         let mut angles = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {
             angles.extend(inv_freq.iter().map(|f| pos as f64 * f));
         }
         let angles = Tensor::from_vec(angles, (max_positions, half), device)?;
         let angles = Tensor::cat(&[&angles, &angles], D::Minus1)?;
-        Ok(Self { cos: angles.cos()?.to_dtype(dtype)?, sin: angles.sin()?.to_dtype(dtype)? })
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+        })
     }
 
     /// Applies the rotation to `x` `[batch, heads, seq, head_dim]` at positions
@@ -28,7 +39,11 @@ impl RotaryEmbedding {
     pub fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
         let seq = x.dim(2)?;
         if offset + seq > self.cos.dim(0)? {
-            candle_core::bail!("position {} is beyond the rotary table ({} positions)", offset + seq, self.cos.dim(0)?);
+            candle_core::bail!(
+                "position {} is beyond the rotary table ({} positions)",
+                offset + seq,
+                self.cos.dim(0)?
+            );
         }
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;

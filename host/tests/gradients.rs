@@ -1,0 +1,565 @@
+//! Finite-difference proofs of the backward pass of every differentiable op the models use
+//! (DESIGN.md principle 5).
+//!
+//! Each test builds random f64 inputs from a seeded `StdRng`, reduces the op's output to a scalar
+//! with a fixed random projection (`sum(out ⊙ R)`, so that e.g. a softmax does not sum to a
+//! constant), compares candle's autograd gradient to central differences and fails when the
+//! maximum error, relative to the largest gradient entry, exceeds the tolerance. Run with
+//! `--nocapture` to see the measured errors.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use whetstone_host::ops::{self, Linear, RotaryEmbedding, IGNORE_INDEX};
+use whetstone_host::params::ParamStore;
+
+/// Finite-difference step.
+const H: f64 = 1e-5;
+/// Maximum accepted error relative to the largest gradient entry.
+const TOL: f64 = 1e-6;
+
+type Op = dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+
+fn cpu() -> Device {
+    Device::Cpu
+}
+
+/// Uniform random f64 tensor in `[-scale, scale)`.
+fn rand_tensor(rng: &mut StdRng, shape: &[usize], scale: f64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let data: Vec<f64> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Tensor::from_vec(data, shape, &cpu()).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `sum(f(inputs) ⊙ r)`.
+fn project(f: &Op, inputs: &[Tensor], r: &Tensor) -> candle_core::Result<Tensor> {
+    f(inputs)?.mul(r)?.sum_all()
+}
+
+/// Central-difference gradient of `sum(f(inputs) ⊙ r)` with respect to `inputs[which]`.
+fn fd_gradient(f: &Op, inputs: &[Tensor], which: usize, r: &Tensor) -> Vec<f64> {
+    let base = flat(&inputs[which]);
+    let shape = inputs[which].shape().clone();
+    let eval = |data: Vec<f64>| {
+        let mut xs = inputs.to_vec();
+        xs[which] = Tensor::from_vec(data, shape.clone(), &cpu()).unwrap();
+        project(f, &xs, r).unwrap().to_scalar::<f64>().unwrap()
+    };
+    (0..base.len())
+        .map(|i| {
+            let mut plus = base.clone();
+            plus[i] += H;
+            let mut minus = base.clone();
+            minus[i] -= H;
+            (eval(plus) - eval(minus)) / (2.0 * H)
+        })
+        .collect()
+}
+
+/// Max |ad - fd| over max |fd|.
+fn rel_err(ad: &[f64], fd: &[f64]) -> f64 {
+    assert_eq!(ad.len(), fd.len());
+    let scale = fd.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12);
+    let diff = ad
+        .iter()
+        .zip(fd)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+/// The fixed projection `R` for `f`'s output.
+fn projection(f: &Op, inputs: &[Tensor], rng: &mut StdRng) -> Tensor {
+    let out = f(inputs).unwrap();
+    rand_tensor(rng, out.dims(), 1.0)
+}
+
+/// Compares autograd and finite differences for `inputs[i]`, `i ∈ wrt`; returns the worst
+/// relative error and asserts it is below `TOL`.
+fn check(name: &str, rng: &mut StdRng, inputs: &[Tensor], wrt: &[usize], f: &Op) -> f64 {
+    let r = projection(f, inputs, rng);
+    let vars: Vec<Option<Var>> = (0..inputs.len())
+        .map(|i| {
+            wrt.contains(&i)
+                .then(|| Var::from_tensor(&inputs[i]).unwrap())
+        })
+        .collect();
+    let ad_inputs: Vec<Tensor> = inputs
+        .iter()
+        .zip(&vars)
+        .map(|(t, v)| {
+            v.as_ref()
+                .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+        })
+        .collect();
+    let grads = project(f, &ad_inputs, &r).unwrap().backward().unwrap();
+    let mut worst = 0.0f64;
+    for &i in wrt {
+        let var = vars[i].as_ref().unwrap();
+        let ad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: autograd dropped the gradient of input {i}"));
+        assert_eq!(
+            ad.dims(),
+            inputs[i].dims(),
+            "{name}: gradient shape of input {i}"
+        );
+        let fd = fd_gradient(f, inputs, i, &r);
+        let err = rel_err(&flat(ad), &fd);
+        assert!(
+            fd.iter().any(|v| v.abs() > 1e-8),
+            "{name}: input {i} has an all-zero gradient; the test would prove nothing"
+        );
+        eprintln!("{name}: input {i}: max relative error {err:.2e}");
+        assert!(
+            err < TOL,
+            "{name}: input {i}: autograd and finite differences differ by {err:.3e} (relative)"
+        );
+        worst = worst.max(err);
+    }
+    worst
+}
+
+fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+#[test]
+fn rms_norm_gradients() {
+    let mut rng = rng(1);
+    let inputs = [
+        rand_tensor(&mut rng, &[2, 3, 6], 1.0),
+        rand_tensor(&mut rng, &[6], 1.0),
+    ];
+    check("rms_norm", &mut rng, &inputs, &[0, 1], &|xs| {
+        ops::rms_norm(&xs[0], &xs[1], 1e-5)
+    });
+}
+
+#[test]
+fn layer_norm_gradients() {
+    let mut rng = rng(2);
+    let inputs = [
+        rand_tensor(&mut rng, &[2, 3, 6], 1.0),
+        rand_tensor(&mut rng, &[6], 1.0),
+        rand_tensor(&mut rng, &[6], 1.0),
+    ];
+    check("layer_norm", &mut rng, &inputs, &[0, 1, 2], &|xs| {
+        ops::layer_norm(&xs[0], &xs[1], &xs[2], 1e-12)
+    });
+}
+
+#[test]
+fn rope_gradients() {
+    let mut rng = rng(3);
+    let rotary = RotaryEmbedding::new(8, 16, 10_000.0, DType::F64, &cpu()).unwrap();
+    let inputs = [rand_tensor(&mut rng, &[2, 2, 5, 8], 1.0)];
+    check("rope", &mut rng, &inputs, &[0], &move |xs| {
+        rotary.apply(&xs[0], 3)
+    });
+}
+
+#[test]
+fn rope_rotates_half_and_preserves_norm() {
+    // Position 0 is the identity; every position preserves each pair's norm.
+    let mut rng = rng(4);
+    let rotary = RotaryEmbedding::new(8, 16, 10_000.0, DType::F64, &cpu()).unwrap();
+    let x = rand_tensor(&mut rng, &[1, 1, 4, 8], 1.0);
+    let y = rotary.apply(&x, 0).unwrap();
+    let (xv, yv) = (flat(&x), flat(&y));
+    for i in 0..8 {
+        assert!((xv[i] - yv[i]).abs() < 1e-12);
+    }
+    let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
+    assert!((norm(&xv) - norm(&yv)).abs() < 1e-9);
+}
+
+#[test]
+fn softmax_gradients() {
+    let mut rng = rng(5);
+    let inputs = [rand_tensor(&mut rng, &[3, 7], 3.0)];
+    check("softmax", &mut rng, &inputs, &[0], &|xs| {
+        ops::softmax_last_dim(&xs[0])
+    });
+}
+
+#[test]
+fn log_softmax_gradients() {
+    let mut rng = rng(6);
+    let inputs = [rand_tensor(&mut rng, &[3, 7], 3.0)];
+    check("log_softmax", &mut rng, &inputs, &[0], &|xs| {
+        ops::log_softmax_last_dim(&xs[0])
+    });
+}
+
+/// A padding mask with left padding on the second sequence, so that with `causal` its first
+/// query row sees no real key at all (a fully padded row).
+fn padded_mask() -> Tensor {
+    Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 0, 0, 1, 1, 1], (2, 5), &cpu()).unwrap()
+}
+
+#[test]
+fn causal_attention_with_padding_gradients() {
+    let mut rng = rng(7);
+    let bias = ops::attention_bias(&padded_mask(), 5, true, DType::F64).unwrap();
+    let inputs = [
+        rand_tensor(&mut rng, &[2, 2, 5, 4], 1.0),
+        rand_tensor(&mut rng, &[2, 2, 5, 4], 1.0),
+        rand_tensor(&mut rng, &[2, 2, 5, 4], 1.0),
+    ];
+    check(
+        "causal attention (padded)",
+        &mut rng,
+        &inputs,
+        &[0, 1, 2],
+        &move |xs| ops::scaled_dot_product_attention(&xs[0], &xs[1], &xs[2], Some(&bias)),
+    );
+}
+
+#[test]
+fn bidirectional_attention_with_padding_gradients() {
+    let mut rng = rng(8);
+    let bias = ops::attention_bias(&padded_mask(), 5, false, DType::F64).unwrap();
+    let inputs = [
+        rand_tensor(&mut rng, &[2, 2, 5, 4], 1.0),
+        rand_tensor(&mut rng, &[2, 2, 5, 4], 1.0),
+        rand_tensor(&mut rng, &[2, 2, 5, 4], 1.0),
+    ];
+    check(
+        "bidirectional attention (padded)",
+        &mut rng,
+        &inputs,
+        &[0, 1, 2],
+        &move |xs| ops::scaled_dot_product_attention(&xs[0], &xs[1], &xs[2], Some(&bias)),
+    );
+}
+
+#[test]
+fn attention_mask_hides_padding_and_future() {
+    // Changing a padded key/value or a future key/value must not change a real query's output.
+    let mut rng = rng(9);
+    let bias = ops::attention_bias(&padded_mask(), 5, true, DType::F64).unwrap();
+    let q = rand_tensor(&mut rng, &[2, 1, 5, 4], 1.0);
+    let k = rand_tensor(&mut rng, &[2, 1, 5, 4], 1.0);
+    let v = rand_tensor(&mut rng, &[2, 1, 5, 4], 1.0);
+    let out = ops::scaled_dot_product_attention(&q, &k, &v, Some(&bias)).unwrap();
+    // Perturb key/value position 0 of sequence 1 (padding) and position 4 (future of row 2).
+    let mut kv = flat(&v);
+    for d in 0..4 {
+        kv[20 + d] += 10.0; // seq 1, pos 0
+        kv[16 + d] += 10.0; // seq 0, pos 4
+    }
+    let v2 = Tensor::from_vec(kv, (2, 1, 5, 4), &cpu()).unwrap();
+    let out2 = ops::scaled_dot_product_attention(&q, &k, &v2, Some(&bias)).unwrap();
+    let (a, b) = (flat(&out), flat(&out2));
+    // seq 0 rows 0..4 (positions before 4) and seq 1 rows 2..5 (real queries) are unchanged.
+    for row in (0..4).chain(7..10) {
+        for d in 0..4 {
+            assert!(
+                (a[row * 4 + d] - b[row * 4 + d]).abs() < 1e-12,
+                "row {row} saw a masked value"
+            );
+        }
+    }
+}
+
+#[test]
+fn repeat_kv_gradients() {
+    let mut rng = rng(10);
+    let inputs = [rand_tensor(&mut rng, &[2, 2, 3, 4], 1.0)];
+    check("repeat_kv (GQA)", &mut rng, &inputs, &[0], &|xs| {
+        ops::repeat_kv(&xs[0], 3)
+    });
+    // Layout: kv head h is repeated for query heads h*n_rep .. (h+1)*n_rep.
+    let x = &inputs[0];
+    let y = ops::repeat_kv(x, 3).unwrap();
+    assert_eq!(y.dims(), &[2, 6, 3, 4]);
+    let head = |t: &Tensor, h: usize| flat(&t.narrow(1, h, 1).unwrap());
+    assert_eq!(head(&y, 4), head(x, 1));
+    assert_eq!(head(&y, 2), head(x, 0));
+}
+
+#[test]
+fn gqa_attention_gradients() {
+    let mut rng = rng(11);
+    let bias = ops::attention_bias(&padded_mask(), 5, true, DType::F64).unwrap();
+    let inputs = [
+        rand_tensor(&mut rng, &[2, 4, 5, 4], 1.0),
+        rand_tensor(&mut rng, &[2, 2, 5, 4], 1.0),
+        rand_tensor(&mut rng, &[2, 2, 5, 4], 1.0),
+    ];
+    check("GQA attention", &mut rng, &inputs, &[0, 1, 2], &move |xs| {
+        let k = ops::repeat_kv(&xs[1], 2)?;
+        let v = ops::repeat_kv(&xs[2], 2)?;
+        ops::scaled_dot_product_attention(&xs[0], &k, &v, Some(&bias))
+    });
+}
+
+#[test]
+fn silu_gradients() {
+    let mut rng = rng(12);
+    let inputs = [rand_tensor(&mut rng, &[4, 6], 3.0)];
+    check("silu", &mut rng, &inputs, &[0], &|xs| ops::silu(&xs[0]));
+}
+
+#[test]
+fn swiglu_gradients() {
+    let mut rng = rng(13);
+    let inputs = [
+        rand_tensor(&mut rng, &[4, 6], 3.0),
+        rand_tensor(&mut rng, &[4, 6], 3.0),
+    ];
+    check("swiglu", &mut rng, &inputs, &[0, 1], &|xs| {
+        ops::swiglu(&xs[0], &xs[1])
+    });
+}
+
+#[test]
+fn gelu_gradients() {
+    let mut rng = rng(14);
+    let inputs = [rand_tensor(&mut rng, &[4, 6], 3.0)];
+    check("gelu (erf)", &mut rng, &inputs, &[0], &|xs| {
+        ops::gelu(&xs[0])
+    });
+    // The exact erf form: gelu(1) = 0.8413447460685429.
+    let one = Tensor::new(&[1.0f64], &cpu()).unwrap();
+    assert!((flat(&ops::gelu(&one).unwrap())[0] - 0.841_344_746_068_542_9).abs() < 1e-12);
+}
+
+#[test]
+fn gelu_tanh_gradients() {
+    let mut rng = rng(21);
+    let inputs = [rand_tensor(&mut rng, &[4, 6], 3.0)];
+    check("gelu (tanh)", &mut rng, &inputs, &[0], &|xs| {
+        ops::gelu_tanh(&xs[0])
+    });
+}
+
+#[test]
+fn embedding_table_gradients() {
+    let mut rng = rng(15);
+    let ids = Tensor::from_vec(vec![3u32, 0, 3, 5, 1, 3], (2, 3), &cpu()).unwrap();
+    let inputs = [rand_tensor(&mut rng, &[7, 4], 1.0)];
+    let r = check("embedding", &mut rng, &inputs, &[0], &move |xs| {
+        ops::embedding(&xs[0], &ids)
+    });
+    assert!(r < TOL);
+}
+
+#[test]
+fn cross_entropy_with_ignore_index_gradients() {
+    let mut rng = rng(16);
+    let targets =
+        Tensor::from_vec(vec![2i64, IGNORE_INDEX, 0, 4, IGNORE_INDEX], 5, &cpu()).unwrap();
+    let inputs = [rand_tensor(&mut rng, &[5, 6], 2.0)];
+    let t = targets.clone();
+    check(
+        "cross_entropy (ignore -100)",
+        &mut rng,
+        &inputs,
+        &[0],
+        &move |xs| ops::cross_entropy(&xs[0], &t),
+    );
+    // Ignored rows get exactly zero gradient, and the value is the mean over the 3 valid rows.
+    let var = Var::from_tensor(&inputs[0]).unwrap();
+    let loss = ops::cross_entropy(var.as_tensor(), &targets).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = flat(grads.get(var.as_tensor()).unwrap());
+    for row in [1, 4] {
+        assert!(
+            g[row * 6..row * 6 + 6].iter().all(|v| *v == 0.0),
+            "ignored row {row} got a gradient"
+        );
+    }
+    let logits = flat(&inputs[0]);
+    let mut expected = 0.0;
+    for (row, target) in [(0usize, 2usize), (2, 0), (3, 4)] {
+        let l = &logits[row * 6..row * 6 + 6];
+        let lse = l.iter().map(|v| v.exp()).sum::<f64>().ln();
+        expected += lse - l[target];
+    }
+    expected /= 3.0;
+    assert!((loss.to_scalar::<f64>().unwrap() - expected).abs() < 1e-12);
+}
+
+#[test]
+fn causal_lm_loss_gradients() {
+    let mut rng = rng(17);
+    let labels = Tensor::from_vec(
+        vec![IGNORE_INDEX, IGNORE_INDEX, 3, 1, 0, 4, 2, IGNORE_INDEX],
+        (2, 4),
+        &cpu(),
+    )
+    .unwrap();
+    let inputs = [rand_tensor(&mut rng, &[2, 4, 5], 2.0)];
+    check("causal_lm_loss", &mut rng, &inputs, &[0], &move |xs| {
+        ops::causal_lm_loss(&xs[0], &labels)
+    });
+}
+
+#[test]
+fn frozen_linear_gradients_match_matmul_and_store_no_weight_gradient() {
+    let mut rng = rng(18);
+    let (rows, inp, out) = (3, 5, 4);
+    let x = rand_tensor(&mut rng, &[rows, inp], 1.0);
+    let w = rand_tensor(&mut rng, &[out, inp], 1.0);
+    let r = rand_tensor(&mut rng, &[rows, out], 1.0);
+
+    // Forward values agree with the plain matmul.
+    let y_frozen = ops::frozen_linear(&x, &w).unwrap();
+    let y_plain = x.matmul(&w.t().unwrap()).unwrap();
+    assert!(rel_err(&flat(&y_frozen), &flat(&y_plain)) < 1e-12);
+
+    // Backward through the frozen op.
+    let xv = Var::from_tensor(&x).unwrap();
+    let grads = ops::frozen_linear(xv.as_tensor(), &w)
+        .unwrap()
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(
+        grads.get(&w).is_none(),
+        "the frozen weight has a gradient entry"
+    );
+    for id in grads.get_ids() {
+        let g = grads.get_id(*id).unwrap();
+        assert!(
+            g.dims() != [out, inp] && g.dims() != [inp, out],
+            "a weight-shaped gradient {:?} was computed for a frozen linear",
+            g.dims()
+        );
+    }
+    let dx_frozen = flat(grads.get(xv.as_tensor()).unwrap());
+
+    // The plain matmul computes the same dX, but also a weight-shaped gradient: this is what the
+    // frozen op avoids (and shows the check above can fail).
+    let xv2 = Var::from_tensor(&x).unwrap();
+    let plain = xv2
+        .as_tensor()
+        .matmul(&w.t().unwrap())
+        .unwrap()
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let dx_plain = flat(plain.get(xv2.as_tensor()).unwrap());
+    assert!(plain
+        .get_ids()
+        .any(|id| plain.get_id(*id).unwrap().dims() == [inp, out]));
+    let err = rel_err(&dx_frozen, &dx_plain);
+    eprintln!("frozen_linear: dX vs plain matmul dX: max relative error {err:.2e}");
+    assert!(err < 1e-12);
+
+    // And against finite differences, with a batch dimension.
+    let x3 = rand_tensor(&mut rng, &[2, rows, inp], 1.0);
+    let w2 = w.clone();
+    check("frozen_linear", &mut rng, &[x3], &[0], &move |xs| {
+        ops::frozen_linear(&xs[0], &w2)
+    });
+}
+
+#[test]
+fn trainable_linear_gradients() {
+    let mut rng = rng(19);
+    let x = rand_tensor(&mut rng, &[2, 3, 5], 1.0);
+    let w = rand_tensor(&mut rng, &[4, 5], 1.0);
+    let b = rand_tensor(&mut rng, &[4], 1.0);
+    // A linear layer over the given tensors as frozen params (used for finite differences).
+    let frozen_layer = |w: &Tensor, b: &Tensor| {
+        let mut store = ParamStore::new();
+        let wp = store.insert("l.weight", w.clone());
+        let bp = store.insert("l.bias", b.clone());
+        Linear::new("l", wp, Some(bp))
+    };
+    let f: Box<Op> = Box::new(move |xs: &[Tensor]| frozen_layer(&xs[1], &xs[2]).forward(&xs[0]));
+    let inputs = [x.clone(), w.clone(), b.clone()];
+    let r = projection(f.as_ref(), &inputs, &mut rng);
+
+    // Autograd through a layer whose weight and bias are trainable params.
+    let mut store = ParamStore::new();
+    let wp = store.insert("l.weight", w.clone());
+    let bp = store.insert("l.bias", b.clone());
+    store
+        .set_trainable_by_patterns(&["l.*".to_string()])
+        .unwrap();
+    let layer = Linear::new("l", Arc::clone(&wp), Some(Arc::clone(&bp)));
+    let xv = Var::from_tensor(&x).unwrap();
+    let grads = layer
+        .forward(xv.as_tensor())
+        .unwrap()
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (i, t) in [
+        (0usize, xv.as_tensor().clone()),
+        (1, wp.tensor()),
+        (2, bp.tensor()),
+    ] {
+        let ad = flat(
+            grads
+                .get(&t)
+                .unwrap_or_else(|| panic!("linear: input {i} has no gradient")),
+        );
+        let fd = fd_gradient(f.as_ref(), &inputs, i, &r);
+        let err = rel_err(&ad, &fd);
+        eprintln!("linear (trainable): input {i}: max relative error {err:.2e}");
+        assert!(err < TOL);
+    }
+}
+
+#[test]
+fn dropout_equals_a_fixed_mask_and_its_gradient() {
+    let p = 0.3f32;
+    let mut data_rng = rng(20);
+    let x = rand_tensor(&mut data_rng, &[8, 16], 1.0);
+    // The mask the seeded rng draws: dropout applied to ones.
+    let mask = ops::dropout(
+        &Tensor::ones((8, 16), DType::F64, &cpu()).unwrap(),
+        p,
+        &mut rng(99),
+    )
+    .unwrap();
+    let m = flat(&mask);
+    let keep = 1.0 / (1.0 - f64::from(p));
+    assert!(
+        m.iter().all(|v| *v == 0.0 || (v - keep).abs() < 1e-6),
+        "mask values are 0 or 1/(1-p)"
+    );
+    let dropped = m.iter().filter(|v| **v == 0.0).count() as f64 / m.len() as f64;
+    assert!(
+        (dropped - f64::from(p)).abs() < 0.12,
+        "dropped fraction {dropped}"
+    );
+    // Same seed, same mask: dropout(x) == x ⊙ mask.
+    let y = ops::dropout(&x, p, &mut rng(99)).unwrap();
+    assert!(rel_err(&flat(&y), &flat(&x.mul(&mask).unwrap())) < 1e-12);
+    // p = 0 is the identity.
+    assert_eq!(
+        flat(&ops::dropout(&x, 0.0, &mut rng(99)).unwrap()),
+        flat(&x)
+    );
+    // Gradient (re-seeding per evaluation keeps the mask fixed).
+    check("dropout", &mut data_rng, &[x], &[0], &move |xs| {
+        ops::dropout(&xs[0], p, &mut rng(99))
+    });
+}
