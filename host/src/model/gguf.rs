@@ -1,1 +1,357 @@
-//! Placeholder: being written.
+//! Reading Llama-family weights and configuration from a GGUF file (llama.cpp's format).
+//!
+//! The file is parsed by candle's [`gguf_file::Content`]; every tensor is dequantized to f32 and
+//! renamed to its Hugging Face name (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`).
+//! llama.cpp stores the rows of the q and k projections in an interleaved rotary order; they are
+//! un-permuted here to Hugging Face's "rotate half" layout, so the rest of the host (and PEFT
+//! adapters trained elsewhere) see exactly the weights of the original checkpoint.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+
+use super::llama::LlamaConfig;
+use crate::{Error, Result};
+
+/// An opened GGUF file: its metadata and tensor directory, plus a reader for the tensor data.
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: BufReader<File>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("metadata_keys", &self.content.metadata.len())
+            .field("tensors", &self.content.tensor_infos.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Opens `path` and parses its header (metadata and tensor directory; no tensor data yet).
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader)
+            .map_err(|e| Error::bad_file(path, format!("not a valid GGUF file: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
+    }
+
+    /// The file this was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// All metadata key/value pairs.
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// The metadata value under `key`, or an error naming the file and the key.
+    pub fn value(&self, key: &str) -> Result<&Value> {
+        self.content.metadata.get(key).ok_or_else(|| {
+            Error::bad_file(&self.path, format!("missing GGUF metadata key `{key}`"))
+        })
+    }
+
+    fn convert<T>(&self, key: &str, got: candle_core::Result<T>) -> Result<T> {
+        got.map_err(|e| Error::bad_file(&self.path, format!("GGUF metadata key `{key}`: {e}")))
+    }
+
+    /// A string value.
+    pub fn string(&self, key: &str) -> Result<&str> {
+        let value = self.value(key)?;
+        self.convert(key, value.to_string()).map(String::as_str)
+    }
+
+    /// An unsigned integer value of any width (u8..u64, or a non-negative i32/i64).
+    pub fn uint(&self, key: &str) -> Result<u64> {
+        let value = self.value(key)?;
+        let got = match value {
+            Value::I32(v) if *v >= 0 => Ok(*v as u64),
+            Value::I64(v) if *v >= 0 => Ok(*v as u64),
+            other => other.to_u64(),
+        };
+        self.convert(key, got)
+    }
+
+    /// A floating-point value (f32 or f64).
+    pub fn float(&self, key: &str) -> Result<f64> {
+        let value = self.value(key)?;
+        let got = match value {
+            Value::F32(v) => Ok(*v as f64),
+            other => other.to_f64(),
+        };
+        self.convert(key, got)
+    }
+
+    /// A boolean value.
+    pub fn boolean(&self, key: &str) -> Result<bool> {
+        let value = self.value(key)?;
+        self.convert(key, value.to_bool())
+    }
+
+    /// An array of strings (e.g. `tokenizer.ggml.tokens`).
+    pub fn strings(&self, key: &str) -> Result<Vec<&str>> {
+        let values = self.convert(key, self.value(key)?.to_vec())?;
+        values
+            .iter()
+            .map(|v| self.convert(key, v.to_string()).map(String::as_str))
+            .collect()
+    }
+
+    /// An array of integers (e.g. `tokenizer.ggml.token_type`).
+    pub fn ints(&self, key: &str) -> Result<Vec<i64>> {
+        let values = self.convert(key, self.value(key)?.to_vec())?;
+        values
+            .iter()
+            .map(|v| {
+                let got = match v {
+                    Value::I32(x) => Ok(*x as i64),
+                    Value::I64(x) => Ok(*x),
+                    other => other.to_u64().map(|x| x as i64),
+                };
+                self.convert(key, got)
+            })
+            .collect()
+    }
+
+    /// `general.architecture` (`llama`, `qwen2`, `mistral`, ...): the prefix of the model's keys.
+    pub fn architecture(&self) -> Result<&str> {
+        self.string("general.architecture")
+    }
+
+    /// The Llama configuration stored in the metadata under the architecture's prefix.
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        let arch = self.architecture()?.to_string();
+        let key = |k: &str| format!("{arch}.{k}");
+        let hidden_size = self.uint(&key("embedding_length"))? as usize;
+        let num_attention_heads = self.uint(&key("attention.head_count"))? as usize;
+        let num_key_value_heads = match self.uint(&key("attention.head_count_kv")) {
+            Ok(n) => n as usize,
+            Err(_)
+                if !self
+                    .metadata()
+                    .contains_key(&key("attention.head_count_kv")) =>
+            {
+                num_attention_heads
+            }
+            Err(e) => return Err(e),
+        };
+        let vocab_size = match self.uint(&key("vocab_size")) {
+            Ok(n) => n as usize,
+            Err(_) => self.strings("tokenizer.ggml.tokens")?.len(),
+        };
+        let rope_theta = if self.metadata().contains_key(&key("rope.freq_base")) {
+            self.float(&key("rope.freq_base"))?
+        } else {
+            10_000.0
+        };
+        let has = |name: &str| self.content.tensor_infos.contains_key(name);
+        Ok(LlamaConfig {
+            hidden_size,
+            intermediate_size: self.uint(&key("feed_forward_length"))? as usize,
+            num_hidden_layers: self.uint(&key("block_count"))? as usize,
+            num_attention_heads,
+            num_key_value_heads,
+            rms_norm_eps: self.float(&key("attention.layer_norm_rms_epsilon"))?,
+            rope_theta,
+            max_position_embeddings: self.uint(&key("context_length"))? as usize,
+            vocab_size,
+            tie_word_embeddings: !has("output.weight"),
+            attention_bias: has("blk.0.attn_q.bias"),
+        })
+    }
+
+    /// Reads one tensor and dequantizes it to f32 on `device`.
+    pub fn dequantize(&mut self, name: &str, device: &Device) -> Result<Tensor> {
+        let qtensor = self
+            .content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {e}")))?;
+        let tensor = qtensor.dequantize(&Device::Cpu).map_err(|e| {
+            Error::bad_file(
+                &self.path,
+                format!("tensor `{name}`: cannot dequantize: {e}"),
+            )
+        })?;
+        Ok(tensor.to_device(device)?)
+    }
+
+    /// Every tensor of the file, dequantized to f32, under its Hugging Face name, with q/k
+    /// projections (and biases) un-permuted to the rotate-half layout.
+    ///
+    /// A tensor whose name has no Hugging Face counterpart is an error naming it (better than
+    /// silently dropping part of a model).
+    pub fn load_hf_tensors(
+        &mut self,
+        config: &LlamaConfig,
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>> {
+        let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        names.sort();
+        let mut out = HashMap::with_capacity(names.len());
+        for name in names {
+            if name == "rope_freqs.weight" {
+                return Err(Error::bad_file(
+                    &self.path,
+                    "rope frequency scaling (`rope_freqs.weight`, Llama 3.1 style) is not supported by the host's Llama implementation",
+                ));
+            }
+            let hf = hf_name(&name).ok_or_else(|| {
+                Error::bad_file(
+                    &self.path,
+                    format!("tensor `{name}` has no Hugging Face Llama counterpart (unsupported architecture variant?)"),
+                )
+            })?;
+            let mut tensor = self.dequantize(&name, device)?;
+            if hf.contains("self_attn.q_proj.") {
+                tensor = unpermute_qk(&tensor, config.num_attention_heads)?;
+            } else if hf.contains("self_attn.k_proj.") {
+                tensor = unpermute_qk(&tensor, config.num_key_value_heads)?;
+            }
+            out.insert(hf, tensor);
+        }
+        Ok(out)
+    }
+}
+
+/// The Hugging Face name of a llama.cpp tensor name, e.g. `blk.0.ffn_gate.weight` →
+/// `model.layers.0.mlp.gate_proj.weight`; `None` for names outside the Llama family.
+pub fn hf_name(gguf_name: &str) -> Option<String> {
+    match gguf_name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let hf_module = match module {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf_module}.{kind}"))
+}
+
+/// Undoes llama.cpp's q/k row permutation: rows of each head go from interleaved pairs
+/// `(x0, x1), (x2, x3), ...` back to Hugging Face's two halves. Works on weights `[out, in]` and on
+/// biases `[out]`: `w.reshape(heads, out/heads/2, 2, in).swapaxes(1, 2).reshape(out, in)`.
+pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let out = dims.first().copied().unwrap_or(0);
+    if n_heads == 0 || out % (2 * n_heads) != 0 {
+        return Err(Error::config(format!(
+            "cannot un-permute a q/k projection with {out} rows into {n_heads} heads of even size"
+        )));
+    }
+    let inner: usize = dims[1..].iter().product();
+    let t = w
+        .reshape((n_heads, out / n_heads / 2, 2, inner))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?;
+    Ok(t)
+}
+
+/// Whether `path` looks like a GGUF file (by its magic number), for loaders that dispatch on the
+/// file type.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        assert_eq!(
+            hf_name("blk.12.attn_output.weight").unwrap(),
+            "model.layers.12.self_attn.o_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_q.bias").unwrap(),
+            "model.layers.0.self_attn.q_proj.bias"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
+        assert!(hf_name("blk.x.attn_q.weight").is_none());
+        assert!(hf_name("blk.0.ssm_a").is_none());
+    }
+
+    /// The llama.cpp conversion permutes HF rows as
+    /// `w.reshape(heads, 2, out/heads/2, in).swapaxes(1, 2)`; un-permuting must invert it.
+    #[test]
+    fn unpermute_inverts_the_llama_cpp_permutation() {
+        let (heads, out, inp) = (3usize, 12usize, 2usize);
+        let hf = Tensor::arange(0f32, (out * inp) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((out, inp))
+            .unwrap();
+        let permuted = hf
+            .reshape((heads, 2, out / heads / 2, inp))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((out, inp))
+            .unwrap();
+        assert_ne!(
+            permuted.to_vec2::<f32>().unwrap(),
+            hf.to_vec2::<f32>().unwrap()
+        );
+        let back = unpermute_qk(&permuted, heads).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+        let bias = Tensor::arange(0f32, out as f32, &Device::Cpu).unwrap();
+        let pb = bias
+            .reshape((heads, 2, out / heads / 2))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        assert_eq!(
+            unpermute_qk(&pb, heads).unwrap().to_vec1::<f32>().unwrap(),
+            bias.to_vec1::<f32>().unwrap()
+        );
+        assert!(unpermute_qk(&hf, 5).is_err());
+    }
+}

@@ -1,1 +1,548 @@
-//! Placeholder: being written.
+//! The Llama family of decoder-only transformers (Llama 2/3, SmolLM2, TinyLlama, Mistral,
+//! Qwen2 with its q/k/v biases), written over the host's differentiable ops.
+//!
+//! Each decoder layer is `x + o_proj(attn(rope(q), rope(k), v))` then
+//! `x + down_proj(silu(gate_proj(h)) * up_proj(h))`, both on RMS-normalised inputs
+//! (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models"). Rotary
+//! embeddings use Hugging Face's rotate-half layout, grouped-query attention repeats the key/value
+//! heads, and tied models compute the output head with the embedding matrix (one shared
+//! [`Param`]). Parameters and modules carry their Hugging Face names.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::generate::{CausalLm, KvCache};
+use super::load::LoadedModel;
+use super::{gguf, hf, tokenizer, Mode, Model, TaskKind};
+use crate::ops::{self, Linear, RotaryEmbedding};
+use crate::params::{Param, ParamStore};
+use crate::{Error, Result};
+
+/// Rotary tables are precomputed up to this many positions (or the model's own limit when
+/// smaller), which bounds their memory for long-context models.
+const MAX_ROPE_POSITIONS: usize = 32_768;
+
+/// Hyper-parameters of a Llama-family model, with Hugging Face `config.json` field names.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct LlamaConfig {
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); defaults to the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    /// Rotary base frequency.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Longest supported context.
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Whether the output head reuses the input embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v projections have biases (Qwen2).
+    #[serde(default)]
+    pub attention_bias: bool,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_positions() -> usize {
+    2048
+}
+
+impl LlamaConfig {
+    /// Reads the fields of a Hugging Face `config.json` (`path` is named in errors). Rope
+    /// scaling and other unsupported variants are refused with the field's name.
+    pub fn from_hf_json(config: &Value, path: &Path) -> Result<Self> {
+        for field in ["rope_scaling", "sliding_window_pattern"] {
+            if config.get(field).is_some_and(|v| !v.is_null()) {
+                return Err(Error::bad_file(
+                    path,
+                    format!("`{field}` is not supported by the host's Llama implementation"),
+                ));
+            }
+        }
+        if let Some(act) = config.get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                return Err(Error::bad_file(
+                    path,
+                    format!("hidden_act `{act}` is not supported (Llama uses `silu`)"),
+                ));
+            }
+        }
+        if let (Some(head_dim), Some(hidden), Some(heads)) = (
+            config.get("head_dim").and_then(Value::as_u64),
+            config.get("hidden_size").and_then(Value::as_u64),
+            config.get("num_attention_heads").and_then(Value::as_u64),
+        ) {
+            if heads == 0 || head_dim != hidden / heads {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "head_dim {head_dim} != hidden_size / num_attention_heads is not supported"
+                    ),
+                ));
+            }
+        }
+        let mut parsed: Self = serde_json::from_value(config.clone())
+            .map_err(|e| Error::bad_file(path, format!("not a Llama config: {e}")))?;
+        if parsed.num_key_value_heads == 0 {
+            parsed.num_key_value_heads = parsed.num_attention_heads;
+        }
+        parsed
+            .validate()
+            .map_err(|message| Error::bad_file(path, message))?;
+        Ok(parsed)
+    }
+
+    /// Checks that the head counts divide the widths; returns what is wrong otherwise.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
+        if h == 0 || kv == 0 || self.hidden_size % h != 0 || h % kv != 0 {
+            return Err(format!(
+                "hidden_size {} / num_attention_heads {h} / num_key_value_heads {kv} do not divide evenly",
+                self.hidden_size
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!(
+                "head dimension {} must be even for rotary embeddings",
+                self.head_dim()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Dimension of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: Arc<Param>,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: Arc<Param>,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl DecoderLayer {
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: LlamaConfig,
+    params: ParamStore,
+    embed_tokens: Arc<Param>,
+    layers: Vec<DecoderLayer>,
+    norm: Arc<Param>,
+    lm_head: Linear,
+    rotary: RotaryEmbedding,
+    max_positions: usize,
+}
+
+/// Takes the named tensors out of a weight map in the order the model's parameters are listed,
+/// checking their shapes.
+struct Builder {
+    weights: HashMap<String, Tensor>,
+    params: ParamStore,
+    source: String,
+}
+
+impl Builder {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Arc<Param>> {
+        let tensor = self.weights.remove(name).ok_or_else(|| {
+            Error::config(format!(
+                "{}: missing tensor `{name}` (expected shape {shape:?})",
+                self.source
+            ))
+        })?;
+        if tensor.dims() != shape {
+            return Err(Error::config(format!(
+                "{}: tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                self.source,
+                tensor.dims()
+            )));
+        }
+        let tensor = if tensor.dtype() == DType::F32 {
+            tensor
+        } else {
+            tensor.to_dtype(DType::F32)?
+        };
+        Ok(self.params.insert(name, tensor.contiguous()?))
+    }
+
+    fn linear(&mut self, module: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let weight = self.take(&format!("{module}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(self.take(&format!("{module}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(module, weight, bias))
+    }
+}
+
+impl Llama {
+    /// Builds the model from tensors under their Hugging Face names (f32, on the target device).
+    /// `source` names where they came from in errors. Every parameter starts frozen.
+    pub fn from_weights(
+        config: LlamaConfig,
+        weights: HashMap<String, Tensor>,
+        source: &str,
+    ) -> Result<Self> {
+        config
+            .validate()
+            .map_err(|m| Error::config(format!("{source}: {m}")))?;
+        let c = &config;
+        let (hidden, head_dim) = (c.hidden_size, c.head_dim());
+        let kv_width = c.num_key_value_heads * head_dim;
+        let mut b = Builder {
+            weights,
+            params: ParamStore::new(),
+            source: source.to_string(),
+        };
+        let device = match b.weights.get("model.embed_tokens.weight") {
+            Some(t) => t.device().clone(),
+            None => Device::Cpu,
+        };
+        let embed_tokens = b.take("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let input_layernorm = b.take(&format!("{p}.input_layernorm.weight"), &[hidden])?;
+            let q_proj = b.linear(
+                &format!("{p}.self_attn.q_proj"),
+                hidden,
+                hidden,
+                c.attention_bias,
+            )?;
+            let k_proj = b.linear(
+                &format!("{p}.self_attn.k_proj"),
+                kv_width,
+                hidden,
+                c.attention_bias,
+            )?;
+            let v_proj = b.linear(
+                &format!("{p}.self_attn.v_proj"),
+                kv_width,
+                hidden,
+                c.attention_bias,
+            )?;
+            let o_proj = b.linear(&format!("{p}.self_attn.o_proj"), hidden, hidden, false)?;
+            let post_attention_layernorm =
+                b.take(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?;
+            let gate_proj = b.linear(
+                &format!("{p}.mlp.gate_proj"),
+                c.intermediate_size,
+                hidden,
+                false,
+            )?;
+            let up_proj = b.linear(
+                &format!("{p}.mlp.up_proj"),
+                c.intermediate_size,
+                hidden,
+                false,
+            )?;
+            let down_proj = b.linear(
+                &format!("{p}.mlp.down_proj"),
+                hidden,
+                c.intermediate_size,
+                false,
+            )?;
+            layers.push(DecoderLayer {
+                input_layernorm,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                post_attention_layernorm,
+                gate_proj,
+                up_proj,
+                down_proj,
+            });
+        }
+        let norm = b.take("model.norm.weight", &[hidden])?;
+        let lm_head = if c.tie_word_embeddings {
+            // Some tied checkpoints also store a copy; the tie is what the model computes with.
+            b.weights.remove("lm_head.weight");
+            Linear::new("lm_head", embed_tokens.clone(), None)
+        } else {
+            b.linear("lm_head", c.vocab_size, hidden, false)?
+        };
+        let mut leftover: Vec<&String> = b
+            .weights
+            .keys()
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        if !leftover.is_empty() {
+            leftover.sort();
+            return Err(Error::config(format!(
+                "{source}: tensors the Llama architecture does not use: {leftover:?} (unsupported variant?)"
+            )));
+        }
+        let max_positions = c.max_position_embeddings.min(MAX_ROPE_POSITIONS);
+        let rotary =
+            RotaryEmbedding::new(head_dim, max_positions, c.rope_theta, DType::F32, &device)?;
+        Ok(Self {
+            config,
+            params: b.params,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            max_positions,
+        })
+    }
+
+    /// A model with random weights (uniform, std 0.02; norms at 1), for fast tests. Deterministic
+    /// in `seed`.
+    pub fn random(config: &LlamaConfig, device: &Device, seed: u64) -> Result<Self> {
+        let c = config;
+        let (hidden, kv_width) = (c.hidden_size, c.num_key_value_heads * c.head_dim());
+        let mut rng = StdRng::seed_from_u64(seed);
+        let bound = 0.02 * 3f32.sqrt();
+        let mut weights = HashMap::new();
+        let mut random = |name: String, shape: &[usize]| -> Result<()> {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
+            weights.insert(name, Tensor::from_vec(data, shape, device)?);
+            Ok(())
+        };
+        random("model.embed_tokens.weight".into(), &[c.vocab_size, hidden])?;
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for (m, out, inp) in [
+                ("self_attn.q_proj", hidden, hidden),
+                ("self_attn.k_proj", kv_width, hidden),
+                ("self_attn.v_proj", kv_width, hidden),
+                ("self_attn.o_proj", hidden, hidden),
+                ("mlp.gate_proj", c.intermediate_size, hidden),
+                ("mlp.up_proj", c.intermediate_size, hidden),
+                ("mlp.down_proj", hidden, c.intermediate_size),
+            ] {
+                random(format!("{p}.{m}.weight"), &[out, inp])?;
+                if c.attention_bias
+                    && matches!(
+                        m,
+                        "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
+                    )
+                {
+                    random(format!("{p}.{m}.bias"), &[out])?;
+                }
+            }
+        }
+        if !c.tie_word_embeddings {
+            random("lm_head.weight".into(), &[c.vocab_size, hidden])?;
+        }
+        for i in 0..c.num_hidden_layers {
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                weights.insert(
+                    format!("model.layers.{i}.{norm}.weight"),
+                    Tensor::ones(hidden, DType::F32, device)?,
+                );
+            }
+        }
+        weights.insert(
+            "model.norm.weight".into(),
+            Tensor::ones(hidden, DType::F32, device)?,
+        );
+        Self::from_weights(config.clone(), weights, "random Llama")
+    }
+
+    /// Loads a Llama-family GGUF file: weights dequantized to f32 (q/k un-permuted to Hugging
+    /// Face layout) and the tokenizer built from its metadata.
+    pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+        let mut file = gguf::GgufFile::open(path)?;
+        let config = file.llama_config()?;
+        let tok = tokenizer::from_gguf(&file)?;
+        let weights = file.load_hf_tensors(&config, device)?;
+        let model = Self::from_weights(config, weights, &path.display().to_string())?;
+        Ok(LoadedModel {
+            max_positions: model.max_positions,
+            model: Box::new(model),
+            tokenizer: tok.tokenizer,
+            special: tok.special,
+            chat_template: tok.chat_template,
+            source: path.to_path_buf(),
+        })
+    }
+
+    /// Loads a Hugging Face Llama-family directory (`config.json`, safetensors, `tokenizer.json`).
+    pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+        let config_json = hf::read_config(dir)?;
+        let mut config = LlamaConfig::from_hf_json(&config_json, &dir.join("config.json"))?;
+        let weights = hf::load_weights(dir, device)?;
+        // Qwen2 has q/k/v biases without saying so in config.json.
+        config.attention_bias |= weights.contains_key("model.layers.0.self_attn.q_proj.bias");
+        let tokenizer = hf::load_tokenizer(dir)?;
+        let special = hf::special_tokens_from_dir(dir, &tokenizer)?;
+        let chat_template = hf::chat_template_from_dir(dir)?;
+        let model = Self::from_weights(config, weights, &dir.display().to_string())?;
+        Ok(LoadedModel {
+            max_positions: model.max_positions,
+            model: Box::new(model),
+            tokenizer,
+            special,
+            chat_template,
+            source: dir.to_path_buf(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Number of positions the model can process (the rotary table's length).
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Final hidden states → logits, for `input_ids` `[batch, seq]` following `past` cached
+    /// positions; `attention_mask` `[batch, past + seq]` (1 = real token) or `None` for all-real.
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, seq) = input_ids.dims2()?;
+        let past = cache.as_ref().map(|k| k.seq_len()).unwrap_or(0);
+        let (heads, kv_heads, head_dim) =
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let mut x = ops::embedding(&self.embed_tokens.tensor(), input_ids)?;
+        let bias = match attention_mask {
+            Some(mask) => Some(ops::attention_bias(mask, seq, true, x.dtype())?),
+            None if seq > 1 => {
+                let ones = Tensor::ones((batch, past + seq), DType::U32, x.device())?;
+                Some(ops::attention_bias(&ones, seq, true, x.dtype())?)
+            }
+            None => None,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = ops::rms_norm(&x, &layer.input_layernorm.tensor(), c.rms_norm_eps)?;
+            let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+                t.reshape((batch, seq, n, head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = self
+                .rotary
+                .apply(&split(layer.q_proj.forward(&h)?, heads)?, past)?;
+            let k = self
+                .rotary
+                .apply(&split(layer.k_proj.forward(&h)?, kv_heads)?, past)?;
+            let v = split(layer.v_proj.forward(&h)?, kv_heads)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cache) => cache.append(i, &k, &v)?,
+                None => (k, v),
+            };
+            let n_rep = heads / kv_heads;
+            let k = ops::repeat_kv(&k, n_rep)?.contiguous()?;
+            let v = ops::repeat_kv(&v, n_rep)?.contiguous()?;
+            let attn = ops::scaled_dot_product_attention(&q, &k, &v, bias.as_ref())?;
+            let attn = attn
+                .transpose(1, 2)?
+                .reshape((batch, seq, heads * head_dim))?;
+            x = (x + layer.o_proj.forward(&attn)?)?;
+            let h = ops::rms_norm(&x, &layer.post_attention_layernorm.tensor(), c.rms_norm_eps)?;
+            let mlp = ops::swiglu(&layer.gate_proj.forward(&h)?, &layer.up_proj.forward(&h)?)?;
+            x = (x + layer.down_proj.forward(&mlp)?)?;
+        }
+        let x = ops::rms_norm(&x, &self.norm.tensor(), c.rms_norm_eps)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+}
+
+impl Model for Llama {
+    fn architecture(&self) -> &str {
+        "LlamaForCausalLM"
+    }
+
+    fn task(&self) -> TaskKind {
+        TaskKind::CausalLm
+    }
+
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, _mode: Mode) -> Result<Tensor> {
+        // Llama has no dropout: training and evaluation compute the same function.
+        self.run(input_ids, Some(attention_mask), None)
+    }
+
+    /// The linear modules of every decoder layer (as PEFT's `all-linear`, the output head is
+    /// left out).
+    fn linear_module_names(&self) -> Vec<String> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.linears().map(|lin| lin.name.clone()))
+            .collect()
+    }
+
+    fn as_causal_lm(&self) -> Option<&dyn CausalLm> {
+        Some(self)
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let needed = cache.seq_len() + input_ids.dim(1)?;
+        if needed > self.max_positions {
+            return Err(Error::config(format!(
+                "{needed} positions exceed the model's limit of {}",
+                self.max_positions
+            )));
+        }
+        self.run(input_ids, None, Some(cache))
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+}

@@ -66,6 +66,9 @@ pub trait Model: Send + Sync {
     /// The names of the linear modules (candidates for PEFT's `target_modules`).
     fn linear_module_names(&self) -> Vec<String>;
 
+    /// The incremental (KV-cached) decoding interface, for models that generate text.
+    fn as_causal_lm(&self) -> Option<&dyn generate::CausalLm> { None }
+
     /// The loss of a batch: cross-entropy over classes, or next-token cross-entropy over the
     /// unmasked label positions.
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
