@@ -1,0 +1,490 @@
+//! The training loop: epochs of seeded batches, gradient accumulation, periodic evaluation,
+//! metrics, best/last checkpoints, exact resume and cancellation ([`fit`]); and the whole
+//! fine-tune a recipe describes ([`run`]).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+
+use super::checkpoint::{self, LossPoint, TrainerState};
+use super::eval::{evaluate, EvalMetrics};
+use super::metrics::{read_metrics, MetricsRecord, MetricsWriter};
+use super::plot::plot_losses;
+use super::progress::Progress;
+use super::trainer::{StepStats, Trainer};
+use crate::data::{collate, BatchOrder, Example};
+use crate::model::Model;
+use crate::recipe::{MethodSpec, OutputConfig, Recipe, TrainingConfig};
+use crate::{Error, Result};
+
+/// Called after every optimizer step (progress reporting for embedders, tests).
+pub type StepCallback = Arc<dyn Fn(&StepStats) + Send + Sync>;
+
+/// How to run a recipe, besides the recipe itself.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Continue from `<output>/last/`: same parameters, optimizer state, position in the data and
+    /// history.
+    pub resume: bool,
+    /// Checked between steps; when set, the run saves `last/` and stops with
+    /// [`Error::Cancelled`].
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Show the progress bar (only drawn when stderr is a terminal).
+    pub progress: bool,
+    /// Called after every optimizer step.
+    pub on_step: Option<StepCallback>,
+}
+
+impl fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("resume", &self.resume)
+            .field("cancel", &self.cancel)
+            .field("progress", &self.progress)
+            .field("on_step", &self.on_step.as_ref().map(|_| "<callback>"))
+            .finish()
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// Optimizer steps taken (over all resumed sessions).
+    pub steps: usize,
+    /// Mean loss of the last step.
+    pub final_train_loss: Option<f64>,
+    /// Evaluation at the end of the run (none without a validation set).
+    pub final_eval: Option<EvalMetrics>,
+    /// The best evaluation of the run.
+    pub best_eval: Option<EvalMetrics>,
+    /// The step of the best evaluation.
+    pub best_step: Option<usize>,
+    /// Scalars that trained.
+    pub trainable_params: usize,
+    /// Scalars of the whole model.
+    pub total_params: usize,
+    /// Training tokens per second (forward, backward and update time of this session).
+    pub tokens_per_s: f64,
+    /// Wall time of the run in seconds (over all resumed sessions).
+    pub elapsed_s: f64,
+    /// Bad records skipped while reading the data.
+    pub skipped_records: usize,
+    /// Training examples.
+    pub train_examples: usize,
+    /// Validation examples.
+    pub validation_examples: usize,
+    /// Training loss of every step.
+    pub loss_history: Vec<LossPoint>,
+    /// Where checkpoints, metrics and the plot were written.
+    pub output_dir: PathBuf,
+}
+
+impl fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let share = 100.0 * self.trainable_params as f64 / self.total_params.max(1) as f64;
+        writeln!(f, "steps:            {}", self.steps)?;
+        if let Some(loss) = self.final_train_loss {
+            writeln!(f, "final train loss: {loss:.4}")?;
+        }
+        let describe = |m: &EvalMetrics| {
+            let mut s = format!("loss {:.4}", m.loss);
+            if let Some(a) = m.accuracy {
+                s += &format!(", accuracy {a:.4}");
+            }
+            if let Some(p) = m.perplexity {
+                s += &format!(", perplexity {p:.3}");
+            }
+            s + &format!(" ({} examples)", m.examples)
+        };
+        if let Some(m) = &self.final_eval {
+            writeln!(f, "final eval:       {}", describe(m))?;
+        }
+        if let (Some(m), Some(step)) = (&self.best_eval, self.best_step) {
+            writeln!(f, "best eval:        {} at step {step}", describe(m))?;
+        }
+        writeln!(
+            f,
+            "trainable params: {} of {} ({share:.2}%)",
+            self.trainable_params, self.total_params
+        )?;
+        writeln!(f, "throughput:       {:.0} tokens/s", self.tokens_per_s)?;
+        writeln!(f, "elapsed:          {:.1} s", self.elapsed_s)?;
+        writeln!(
+            f,
+            "examples:         {} train, {} validation",
+            self.train_examples, self.validation_examples
+        )?;
+        writeln!(f, "skipped records:  {}", self.skipped_records)?;
+        write!(f, "output:           {}", self.output_dir.display())
+    }
+}
+
+/// Tokenized examples to train on.
+#[derive(Debug, Clone, Copy)]
+pub struct FitData<'a> {
+    /// Training examples.
+    pub train: &'a [Example],
+    /// Validation examples (may be empty: then there is no evaluation and no `best/`).
+    pub validation: &'a [Example],
+    /// Padding token id.
+    pub pad_id: u32,
+}
+
+/// Makes the parameters the method names trainable (and freezes the rest).
+pub fn apply_method(model: &dyn Model, method: &MethodSpec) -> Result<()> {
+    let params = model.params();
+    match method {
+        MethodSpec::Full => params.iter().try_for_each(|p| p.set_trainable(true)),
+        MethodSpec::Partial { trainable } => {
+            params.freeze_all()?;
+            params.set_trainable_by_patterns(trainable).map(|_| ())
+        }
+    }
+}
+
+/// Runs the fine-tune `recipe` describes: opens the device, loads the model, applies the
+/// method, prepares the data, then [`fit`]s. The recipe is copied to `<output>/recipe.toml`.
+pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
+    recipe.validate()?;
+    let device = recipe.training.device()?;
+    let loaded = crate::model::load::load(&recipe.model, &device, recipe.training.seed)?;
+    let model = loaded.model.as_ref();
+    apply_method(model, &recipe.method)?;
+    let data = crate::data::prepare(&recipe.data, &loaded)?;
+    if let (Some(found), crate::model::TaskKind::SequenceClassification { num_labels }) =
+        (data.label_count, model.task())
+    {
+        if found > num_labels {
+            return Err(Error::config(format!(
+                "the data has {found} classes but model.num_labels = {num_labels}; raise model.num_labels"
+            )));
+        }
+    }
+    let dir = &recipe.output.dir;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let recipe_copy = dir.join("recipe.toml");
+    let text = toml::to_string_pretty(recipe)
+        .map_err(|e| Error::config(format!("cannot serialise the recipe: {e}")))?;
+    std::fs::write(&recipe_copy, text).map_err(|e| Error::io(&recipe_copy, e))?;
+
+    let fit_data = FitData {
+        train: &data.train,
+        validation: &data.validation,
+        pad_id: loaded.special.pad,
+    };
+    let mut summary = fit(
+        model,
+        fit_data,
+        &recipe.training,
+        &recipe.output,
+        &device,
+        opts,
+    )?;
+    summary.skipped_records = data.skipped;
+    Ok(summary)
+}
+
+/// Whether `candidate` beats `best`: higher accuracy for classifiers, lower loss otherwise.
+fn improves(candidate: &EvalMetrics, best: Option<f64>) -> (f64, &'static str, bool) {
+    let (value, name, higher_is_better) = match candidate.accuracy {
+        Some(a) => (a, "eval_accuracy", true),
+        None => (candidate.loss, "eval_loss", false),
+    };
+    let better = match best {
+        None => true,
+        Some(b) if higher_is_better => value > b,
+        Some(b) => value < b,
+    };
+    (value, name, better)
+}
+
+/// The loop's mutable context.
+struct Session<'a> {
+    model: &'a dyn Model,
+    data: FitData<'a>,
+    training: &'a TrainingConfig,
+    output: &'a OutputConfig,
+    device: &'a Device,
+    trainer: Trainer,
+    state: TrainerState,
+    metrics: MetricsWriter,
+    progress: Progress,
+    started: Instant,
+    elapsed_before: f64,
+    session_tokens: usize,
+    session_train_s: f64,
+}
+
+impl Session<'_> {
+    fn last_dir(&self) -> PathBuf {
+        self.output.dir.join("last")
+    }
+
+    fn save_last(&mut self) -> Result<()> {
+        self.state.elapsed_s = self.elapsed_before + self.started.elapsed().as_secs_f64();
+        self.trainer.save_checkpoint(&self.last_dir(), &self.state)
+    }
+
+    fn evaluate_now(&mut self) -> Result<()> {
+        let step = self.state.step;
+        if self.data.validation.is_empty() || self.state.last_eval.is_some_and(|(s, _)| s == step) {
+            return Ok(());
+        }
+        let m = evaluate(
+            self.model,
+            self.data.validation,
+            self.training.eval_batch_size(),
+            self.data.pad_id,
+            self.device,
+        )?;
+        self.metrics.write(&MetricsRecord::Eval {
+            step,
+            epoch: self.state.epoch,
+            loss: m.loss,
+            accuracy: m.accuracy,
+            perplexity: m.perplexity,
+            examples: m.examples,
+        })?;
+        let mut line = format!("step {step}: eval loss {:.4}", m.loss);
+        if let Some(a) = m.accuracy {
+            line += &format!(", accuracy {a:.4}");
+        }
+        if let Some(p) = m.perplexity {
+            line += &format!(", perplexity {p:.3}");
+        }
+        tracing::info!("{line}");
+        self.progress.println(&line);
+        self.state
+            .eval_history
+            .push(LossPoint { step, loss: m.loss });
+        self.state.last_eval = Some((step, m));
+        let (value, name, better) = improves(&m, self.state.best_metric);
+        if better {
+            self.state.best_metric = Some(value);
+            self.state.best_metric_name = Some(name.to_string());
+            self.state.best_step = Some(step);
+            self.state.best_eval = Some(m);
+            if self.output.save_best {
+                self.state.elapsed_s = self.elapsed_before + self.started.elapsed().as_secs_f64();
+                self.trainer
+                    .save_checkpoint(&self.output.dir.join("best"), &self.state)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record_step(&mut self, stats: &StepStats, batches: usize) -> Result<()> {
+        self.state.step = stats.step;
+        self.state.batch_in_epoch += batches;
+        self.state.tokens_seen += stats.tokens;
+        self.state.loss_history.push(LossPoint {
+            step: stats.step,
+            loss: stats.loss,
+        });
+        self.session_tokens += stats.tokens;
+        self.session_train_s += stats.forward_s + stats.backward_s + stats.optimizer_s;
+        let tokens_per_s = stats.tokens_per_s();
+        if stats.step % self.training.log_every == 0 || stats.step == self.state.total_steps {
+            let elapsed_s = self.elapsed_before + self.started.elapsed().as_secs_f64();
+            self.metrics.write(&MetricsRecord::Train {
+                step: stats.step,
+                epoch: self.state.epoch,
+                loss: stats.loss,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                tokens_per_s,
+                elapsed_s,
+            })?;
+            tracing::info!(
+                step = stats.step,
+                loss = stats.loss,
+                lr = stats.lr,
+                grad_norm = stats.grad_norm,
+                tokens_per_s = tokens_per_s.round(),
+                "train"
+            );
+        }
+        self.progress.update(stats.step, stats.loss, tokens_per_s);
+        Ok(())
+    }
+}
+
+/// Keeps the metrics lines of steps up to `step` (a resumed run rewrites what came after its
+/// checkpoint).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    let kept: Vec<MetricsRecord> = read_metrics(path)?
+        .into_iter()
+        .filter(|r| match r {
+            MetricsRecord::Train { step: s, .. } | MetricsRecord::Eval { step: s, .. } => {
+                *s <= step
+            }
+        })
+        .collect();
+    let mut writer = MetricsWriter::open(path, false)?;
+    kept.iter().try_for_each(|r| writer.write(r))
+}
+
+/// Trains `model` (whose trainable parameters are already chosen) on `data`: epochs of seeded
+/// batches, `gradient_accumulation_steps` micro-batches per step, evaluation every `eval_every`
+/// steps, at each epoch end and at the end, metrics lines, `best/` and `last/` checkpoints, and
+/// the loss plot. With `opts.resume` it continues from `<output>/last/` exactly where that
+/// checkpoint stopped.
+pub fn fit(
+    model: &dyn Model,
+    data: FitData<'_>,
+    training: &TrainingConfig,
+    output: &OutputConfig,
+    device: &Device,
+    opts: &RunOptions,
+) -> Result<RunSummary> {
+    training.validate()?;
+    if data.train.is_empty() {
+        return Err(Error::config("no training examples"));
+    }
+    let order = BatchOrder::shuffled(data.train.len(), training.batch_size, training.seed)?;
+    let batches_per_epoch = order.num_batches();
+    let total_steps = training.total_steps(batches_per_epoch);
+    let mut trainer = Trainer::new(model, training, total_steps)?;
+    let mut state = TrainerState::new(training.seed, total_steps);
+    std::fs::create_dir_all(&output.dir).map_err(|e| Error::io(&output.dir, e))?;
+    let metrics_path = output.dir.join(&output.metrics_file);
+    if opts.resume {
+        let ckpt = checkpoint::load(&output.dir.join("last"), device)?;
+        if ckpt.state.total_steps != total_steps || ckpt.state.seed != training.seed {
+            return Err(Error::bad_file(
+                &ckpt.dir,
+                format!(
+                    "cannot resume: the checkpoint was written for {} steps with seed {}, this recipe gives {} steps with seed {}; \
+                     keep the data, batch size, epochs and seed of the interrupted run",
+                    ckpt.state.total_steps, ckpt.state.seed, total_steps, training.seed
+                ),
+            ));
+        }
+        trainer.restore(&ckpt)?;
+        state = ckpt.state;
+        truncate_metrics(&metrics_path, state.step)?;
+        tracing::info!(
+            step = state.step,
+            epoch = state.epoch,
+            "resumed from {}",
+            ckpt.dir.display()
+        );
+    } else if output
+        .dir
+        .join("last")
+        .join(checkpoint::STATE_FILE)
+        .is_file()
+    {
+        tracing::warn!(
+            "{} holds a checkpoint; starting afresh (use --resume to continue it)",
+            output.dir.display()
+        );
+    }
+    let metrics = MetricsWriter::open(&metrics_path, opts.resume)?;
+    tracing::info!(
+        trainable = trainer.num_trainable(),
+        total = model.params().num_params(),
+        steps = total_steps,
+        batches_per_epoch,
+        "training"
+    );
+    let mut s = Session {
+        model,
+        data,
+        training,
+        output,
+        device,
+        progress: Progress::new(total_steps, state.step, opts.progress),
+        elapsed_before: state.elapsed_s,
+        trainer,
+        state,
+        metrics,
+        started: Instant::now(),
+        session_tokens: 0,
+        session_train_s: 0.0,
+    };
+    let accumulation = training.gradient_accumulation_steps;
+    while s.state.step < total_steps {
+        let epoch_batches = order.batches(s.state.epoch);
+        while s.state.batch_in_epoch < epoch_batches.len() && s.state.step < total_steps {
+            if opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst))
+            {
+                s.save_last()?;
+                s.progress.finish();
+                tracing::info!(
+                    step = s.state.step,
+                    "cancelled; saved {} (continue with --resume)",
+                    s.last_dir().display()
+                );
+                return Err(Error::Cancelled);
+            }
+            let start = s.state.batch_in_epoch;
+            let end = (start + accumulation).min(epoch_batches.len());
+            let micro = epoch_batches[start..end]
+                .iter()
+                .map(|indices| {
+                    let examples: Vec<&Example> = indices.iter().map(|&i| &data.train[i]).collect();
+                    collate(&examples, data.pad_id, device)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let stats = s.trainer.train_step(model, &micro)?;
+            s.record_step(&stats, end - start)?;
+            if let Some(callback) = &opts.on_step {
+                callback(&stats);
+            }
+            if training.eval_every.is_some_and(|n| stats.step % n == 0) {
+                s.evaluate_now()?;
+            }
+            if output.save_every.is_some_and(|n| stats.step % n == 0) {
+                s.save_last()?;
+            }
+        }
+        if s.state.batch_in_epoch >= epoch_batches.len() {
+            s.state.epoch += 1;
+            s.state.batch_in_epoch = 0;
+            s.evaluate_now()?;
+            s.save_last()?;
+        }
+    }
+    s.evaluate_now()?;
+    s.save_last()?;
+    s.progress.finish();
+    if output.plot {
+        let path = output.dir.join("loss.png");
+        match plot_losses(&path, &s.state.loss_history, &s.state.eval_history) {
+            Ok(()) => tracing::info!("loss plot: {}", path.display()),
+            Err(e) => tracing::warn!("no loss plot: {e}"),
+        }
+    }
+    Ok(RunSummary {
+        steps: s.state.step,
+        final_train_loss: s.state.loss_history.last().map(|p| p.loss),
+        final_eval: s.state.last_eval.map(|(_, m)| m),
+        best_eval: s.state.best_eval,
+        best_step: s.state.best_step,
+        trainable_params: s.trainer.num_trainable(),
+        total_params: model.params().num_params(),
+        tokens_per_s: if s.session_train_s > 0.0 {
+            s.session_tokens as f64 / s.session_train_s
+        } else {
+            0.0
+        },
+        elapsed_s: s.elapsed_before + s.started.elapsed().as_secs_f64(),
+        skipped_records: 0,
+        train_examples: data.train.len(),
+        validation_examples: data.validation.len(),
+        loss_history: s.state.loss_history,
+        output_dir: output.dir.clone(),
+    })
+}

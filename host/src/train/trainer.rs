@@ -1,0 +1,247 @@
+//! One optimizer step: forward and backward over the micro-batches of a step, gradient
+//! accumulation, clipping, the learning rate from the schedule and the AdamW update.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, Var};
+
+use super::checkpoint::{self, Checkpoint, TrainerState};
+use super::clip::{clip_grad_norm, global_norm};
+use super::optim::{AdamW, AdamWConfig};
+use super::schedule::Schedule;
+use crate::model::{Batch, Mode, Model};
+use crate::recipe::TrainingConfig;
+use crate::{Error, Result};
+
+/// Figures of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// The step just taken (1-based).
+    pub step: usize,
+    /// Mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used for the update.
+    pub lr: f64,
+    /// Real (non-padding) tokens in the step's micro-batches.
+    pub tokens: usize,
+    /// Seconds spent in forward passes and losses.
+    pub forward_s: f64,
+    /// Seconds spent in backward passes and gradient accumulation.
+    pub backward_s: f64,
+    /// Seconds spent clipping and updating.
+    pub optimizer_s: f64,
+}
+
+impl StepStats {
+    /// Training tokens per second over the step.
+    pub fn tokens_per_s(&self) -> f64 {
+        let total = self.forward_s + self.backward_s + self.optimizer_s;
+        if total > 0.0 {
+            self.tokens as f64 / total
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Whether weight decay applies to a parameter: not to biases and normalisation parameters
+/// (Hugging Face Trainer's rule).
+fn decays(name: &str) -> bool {
+    !(name.ends_with(".bias") || name.to_ascii_lowercase().contains("norm"))
+}
+
+/// Owns the optimizer and the schedule over a model's trainable parameters.
+#[derive(Debug)]
+pub struct Trainer {
+    names: Vec<String>,
+    vars: Vec<Var>,
+    optimizer: AdamW,
+    schedule: Schedule,
+    max_grad_norm: Option<f64>,
+}
+
+impl Trainer {
+    /// A trainer over the parameters of `model` that are trainable now, for a run of
+    /// `total_steps` optimizer steps.
+    pub fn new(model: &dyn Model, cfg: &TrainingConfig, total_steps: usize) -> Result<Self> {
+        let trainable = model.params().trainable();
+        if trainable.is_empty() {
+            return Err(Error::config(format!(
+                "nothing to train: no parameter of the {} model is trainable; use method kind = \"full\" or \
+                 list patterns in method.trainable (`whet inspect MODEL` lists names)",
+                model.architecture()
+            )));
+        }
+        let mut names = Vec::with_capacity(trainable.len());
+        let mut vars = Vec::with_capacity(trainable.len());
+        let mut slots = Vec::with_capacity(trainable.len());
+        for param in trainable {
+            let var = param.var().ok_or_else(|| {
+                Error::config(format!("`{}` is no longer trainable", param.name()))
+            })?;
+            names.push(param.name().to_string());
+            vars.push(var.clone());
+            slots.push((param.name().to_string(), var, decays(param.name())));
+        }
+        let adam = AdamWConfig {
+            weight_decay: cfg.weight_decay,
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+        };
+        let schedule = Schedule {
+            base_lr: cfg.learning_rate,
+            warmup_steps: cfg.warmup_steps(total_steps),
+            total_steps,
+            kind: cfg.lr_scheduler,
+        };
+        Ok(Self {
+            names,
+            vars,
+            optimizer: AdamW::new(slots, adam)?,
+            schedule,
+            max_grad_norm: cfg.max_grad_norm,
+        })
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step(&self) -> usize {
+        self.optimizer.step_count()
+    }
+
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// The optimizer (its state is what checkpoints save).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// Names of the trained parameters, in optimizer order.
+    pub fn param_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Number of trained scalars.
+    pub fn num_trainable(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// One optimizer step over `micro_batches`: forward in training mode, loss, backward per
+    /// micro-batch with gradients summed (each scaled by 1/n), clipping, and the AdamW update at
+    /// the scheduled learning rate. A NaN or infinite loss stops with
+    /// [`Error::NonFiniteLoss`] before any update.
+    pub fn train_step(&mut self, model: &dyn Model, micro_batches: &[Batch]) -> Result<StepStats> {
+        if micro_batches.is_empty() {
+            return Err(Error::config(
+                "a training step needs at least one micro-batch",
+            ));
+        }
+        let step = self.step() + 1;
+        let scale = 1.0 / micro_batches.len() as f64;
+        let (mut forward_s, mut backward_s) = (0.0, 0.0);
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut loss_sum = 0.0;
+        let mut tokens = 0;
+        for batch in micro_batches {
+            let t0 = Instant::now();
+            let logits = model.forward(&batch.input_ids, &batch.attention_mask, Mode::Train)?;
+            let loss = model.loss(&logits, &batch.labels)?;
+            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(Error::NonFiniteLoss { step, value });
+            }
+            let t1 = Instant::now();
+            let store = (loss * scale)?.backward()?;
+            for (slot, var) in grads.iter_mut().zip(&self.vars) {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            forward_s += (t1 - t0).as_secs_f64();
+            backward_s += t1.elapsed().as_secs_f64();
+            loss_sum += f64::from(value);
+            tokens += batch.num_tokens;
+        }
+        let t2 = Instant::now();
+        let grad_norm = match self.max_grad_norm {
+            Some(max) => clip_grad_norm(&mut grads, max)?,
+            None => global_norm(&grads)?,
+        };
+        let lr = self.schedule.lr(step - 1);
+        self.optimizer.step_with(&grads, lr)?;
+        if let Some(var) = self.vars.first() {
+            var.device().synchronize()?;
+        }
+        Ok(StepStats {
+            step,
+            loss: loss_sum * scale,
+            grad_norm,
+            lr,
+            tokens,
+            forward_s,
+            backward_s,
+            optimizer_s: t2.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The trained parameters' current values by name.
+    pub fn param_tensors(&self) -> HashMap<String, Tensor> {
+        self.names
+            .iter()
+            .cloned()
+            .zip(self.vars.iter().map(|v| v.as_tensor().detach()))
+            .collect()
+    }
+
+    /// Writes the trained parameters, the optimizer state and `state` to the checkpoint
+    /// directory `dir`, atomically.
+    pub fn save_checkpoint(&self, dir: &std::path::Path, state: &TrainerState) -> Result<()> {
+        checkpoint::save(
+            dir,
+            &self.param_tensors(),
+            &self.optimizer.state_tensors(),
+            state,
+        )
+    }
+
+    /// Restores parameter values and optimizer state from `ckpt`. The checkpoint must hold
+    /// exactly the parameters this trainer trains.
+    pub fn restore(&mut self, ckpt: &Checkpoint) -> Result<()> {
+        for name in ckpt.params.keys() {
+            if !self.names.contains(name) {
+                return Err(Error::bad_file(
+                    &ckpt.dir,
+                    format!("checkpoint trains `{name}`, which this run does not train; the method changed since it was written"),
+                ));
+            }
+        }
+        for (name, var) in self.names.iter().zip(&self.vars) {
+            let value = ckpt.params.get(name).ok_or_else(|| {
+                Error::bad_file(&ckpt.dir, format!("checkpoint lacks trainable parameter `{name}`; the method changed since it was written"))
+            })?;
+            if value.dims() != var.dims() {
+                return Err(Error::bad_file(
+                    &ckpt.dir,
+                    format!(
+                        "`{name}` has shape {:?} in the checkpoint, {:?} in the model",
+                        value.dims(),
+                        var.dims()
+                    ),
+                ));
+            }
+            var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        self.optimizer
+            .load_state(&ckpt.optimizer, ckpt.state.step)
+            .map_err(|e| Error::bad_file(&ckpt.dir, e.to_string()))
+    }
+}
