@@ -1,1 +1,98 @@
-fn main() {}
+//! `whet`: the command line of Whetstone, a parameter-efficient fine-tuning host.
+//!
+//! Each subcommand lives in its own module; this file parses the arguments, sets up logging
+//! and prints errors with their whole cause chain.
+
+mod assets;
+mod bench;
+mod demo;
+mod generate;
+mod inspect;
+mod model_arg;
+mod train;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// mimalloc: an elementwise op on a 512×576 tensor drops from 0.83 ms to 0.08 ms, and a LoRA
+/// step more than halves, compared with the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Whetstone: parameter-efficient fine-tuning of real models, in Rust.
+#[derive(Debug, Parser)]
+#[command(name = "whet", version, about, propagate_version = true)]
+struct Cli {
+    /// More log output (-v: debug, -vv: trace); `RUST_LOG` overrides it.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fine-tune a model as a recipe (TOML) describes.
+    Train(train::TrainArgs),
+    /// Evaluate a checkpoint of a recipe on its held-out data.
+    Eval(train::EvalArgs),
+    /// Generate text with a causal language model (tokens stream to stdout).
+    Generate(generate::GenerateArgs),
+    /// Show a model's architecture, parameter count, layers and linear module names.
+    Inspect(inspect::InspectArgs),
+    /// Measure performance (prints JSON).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Fetch, list, locate and verify the real models and datasets.
+    #[command(subcommand)]
+    Assets(assets::AssetsCommand),
+    /// Fetch the default assets and fine-tune all-MiniLM-L6-v2 on UCI sentiment sentences.
+    Demo(demo::DemoArgs),
+}
+
+/// Logs go to stderr; the level comes from `RUST_LOG`, else from `-v`.
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,whetstone_host=info",
+        1 => "info,whetstone_host=debug",
+        _ => "debug,whetstone_host=trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // A second initialisation (impossible here) would only be ignored.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Train(args) => train::run_train(args),
+        Command::Eval(args) => train::run_eval(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Bench(command) => bench::run(command),
+        Command::Assets(command) => assets::run(command),
+        Command::Demo(args) => demo::run(args),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

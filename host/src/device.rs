@@ -14,9 +14,14 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         _ => {
             let ordinal = match spec.strip_prefix("cuda") {
                 Some("") => 0,
-                Some(rest) => rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()).ok_or_else(|| {
-                    Error::config(format!("invalid device `{spec}`: expected cpu, cuda, cuda:N or metal"))
-                })?,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        Error::config(format!(
+                            "invalid device `{spec}`: expected cpu, cuda, cuda:N or metal"
+                        ))
+                    })?,
                 None => {
                     return Err(Error::config(format!(
                         "invalid device `{spec}`: expected cpu, cuda, cuda:N or metal"

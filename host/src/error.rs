@@ -81,12 +81,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An I/O error about `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A file whose content is wrong.
     pub fn bad_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::BadFile { path: path.into(), message: message.into() }
+        Error::BadFile {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     /// An invalid configuration value.

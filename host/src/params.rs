@@ -31,7 +31,10 @@ pub struct Param {
 impl Param {
     /// A new frozen parameter.
     pub fn frozen(name: impl Into<String>, value: Tensor) -> Self {
-        Self { name: name.into(), state: RwLock::new(State::Frozen(value)) }
+        Self {
+            name: name.into(),
+            state: RwLock::new(State::Frozen(value)),
+        }
     }
 
     /// The Hugging Face name, e.g. `model.layers.3.self_attn.q_proj.weight`.
@@ -98,7 +101,9 @@ impl Param {
                 value.dims()
             )));
         }
-        let value = value.to_dtype(current.dtype())?.to_device(current.device())?;
+        let value = value
+            .to_dtype(current.dtype())?
+            .to_device(current.device())?;
         match self.read() {
             State::Frozen(_) => self.write(State::Frozen(value)),
             State::Trainable(v) => v.set(&value)?,
@@ -141,7 +146,10 @@ impl ParamStore {
 
     /// The parameter called `name`.
     pub fn get(&self, name: &str) -> Result<Arc<Param>> {
-        self.by_name.get(name).cloned().ok_or_else(|| Error::UnknownParam(name.to_string()))
+        self.by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownParam(name.to_string()))
     }
 
     /// Whether a parameter called `name` exists.
@@ -156,7 +164,11 @@ impl ParamStore {
 
     /// The parameters that currently receive gradients.
     pub fn trainable(&self) -> Vec<Arc<Param>> {
-        self.order.iter().filter(|p| p.is_trainable()).cloned().collect()
+        self.order
+            .iter()
+            .filter(|p| p.is_trainable())
+            .cloned()
+            .collect()
     }
 
     /// Total number of scalar parameters.
@@ -166,7 +178,11 @@ impl ParamStore {
 
     /// Number of scalar parameters that currently receive gradients.
     pub fn num_trainable(&self) -> usize {
-        self.order.iter().filter(|p| p.is_trainable()).map(|p| p.elem_count()).sum()
+        self.order
+            .iter()
+            .filter(|p| p.is_trainable())
+            .map(|p| p.elem_count())
+            .sum()
     }
 
     /// Makes every parameter whose name matches one of `patterns` trainable and returns how many
@@ -210,8 +226,15 @@ mod tests {
 
     fn store() -> ParamStore {
         let mut s = ParamStore::new();
-        for name in ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight", "classifier.bias"] {
-            s.insert(name, Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap());
+        for name in [
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.1.mlp.up_proj.weight",
+            "classifier.bias",
+        ] {
+            s.insert(
+                name,
+                Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+            );
         }
         s
     }
@@ -219,11 +242,23 @@ mod tests {
     #[test]
     fn patterns_select_params_and_typos_are_errors() {
         let s = store();
-        assert_eq!(s.set_trainable_by_patterns(&["model.layers.1.*".into()]).unwrap(), 1);
-        assert!(s.get("model.layers.1.mlp.up_proj.weight").unwrap().is_trainable());
-        assert!(!s.get("model.layers.0.mlp.up_proj.weight").unwrap().is_trainable());
+        assert_eq!(
+            s.set_trainable_by_patterns(&["model.layers.1.*".into()])
+                .unwrap(),
+            1
+        );
+        assert!(s
+            .get("model.layers.1.mlp.up_proj.weight")
+            .unwrap()
+            .is_trainable());
+        assert!(!s
+            .get("model.layers.0.mlp.up_proj.weight")
+            .unwrap()
+            .is_trainable());
         assert_eq!(s.num_trainable(), 4);
-        assert!(s.set_trainable_by_patterns(&["model.layer.1.*".into()]).is_err());
+        assert!(s
+            .set_trainable_by_patterns(&["model.layer.1.*".into()])
+            .is_err());
     }
 
     #[test]
@@ -231,9 +266,15 @@ mod tests {
         let s = store();
         let p = s.get("classifier.bias").unwrap();
         p.set_trainable(true).unwrap();
-        p.var().unwrap().set(&Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        p.var()
+            .unwrap()
+            .set(&Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
         p.set_trainable(false).unwrap();
         assert!(p.var().is_none());
-        assert_eq!(p.tensor().sum_all().unwrap().to_scalar::<f32>().unwrap(), 4.0);
+        assert_eq!(
+            p.tensor().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+            4.0
+        );
     }
 }

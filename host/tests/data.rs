@@ -2,6 +2,8 @@
 //! sentences, and the SmolLM2 tokenizer and chat template (built from its GGUF file) on a
 //! multi-turn conversation.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 use candle_core::Device;

@@ -318,6 +318,14 @@ impl BertForSequenceClassification {
 }
 
 impl Model for BertForSequenceClassification {
+    fn reseed(&self, seed: u64) {
+        let mut rng = match self.rng.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *rng = StdRng::seed_from_u64(seed);
+    }
+
     fn architecture(&self) -> &str {
         "BertForSequenceClassification"
     }

@@ -100,7 +100,10 @@ pub fn load(spec: &ModelSpec, device: &candle_core::Device, seed: u64) -> Result
     let path = crate::assets::resolve_path(&spec.path)?;
     let path = gguf_in_dir(&path)?.unwrap_or(path);
     if !path.exists() {
-        return Err(Error::bad_file(&path, "no such file or directory (model.path in the recipe, or --model)"));
+        return Err(Error::bad_file(
+            &path,
+            "no such file or directory (model.path in the recipe, or --model)",
+        ));
     }
     let started = std::time::Instant::now();
     let loaded = if path.is_file() {
@@ -114,7 +117,10 @@ pub fn load(spec: &ModelSpec, device: &candle_core::Device, seed: u64) -> Result
         Llama::load_gguf(&path, device)?
     } else {
         let config = hf::read_config(&path)?;
-        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or_default();
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
         if LLAMA_TYPES.contains(&model_type) {
             require_causal_lm(spec, &path)?;
             Llama::load_hf_dir(&path, device)?
@@ -154,7 +160,10 @@ fn gguf_in_dir(dir: &Path) -> Result<Option<PathBuf>> {
     match ggufs.as_slice() {
         [one] => Ok(Some(one.clone())),
         [] => Ok(None),
-        _ => Err(Error::bad_file(dir, "holds several .gguf files: name the one to load")),
+        _ => Err(Error::bad_file(
+            dir,
+            "holds several .gguf files: name the one to load",
+        )),
     }
 }
 
@@ -172,6 +181,12 @@ fn require_causal_lm(spec: &ModelSpec, path: &Path) -> Result<()> {
 impl ModelSpec {
     /// A spec for `path` with the given task and defaults for everything else.
     pub fn new(path: impl Into<String>, task: TaskSpec) -> Self {
-        Self { path: path.into(), task, num_labels: default_num_labels(), pooling: Pooling::default(), dropout: None }
+        Self {
+            path: path.into(),
+            task,
+            num_labels: default_num_labels(),
+            pooling: Pooling::default(),
+            dropout: None,
+        }
     }
 }

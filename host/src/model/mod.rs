@@ -67,7 +67,15 @@ pub trait Model: Send + Sync {
     fn linear_module_names(&self) -> Vec<String>;
 
     /// The incremental (KV-cached) decoding interface, for models that generate text.
-    fn as_causal_lm(&self) -> Option<&dyn generate::CausalLm> { None }
+    fn as_causal_lm(&self) -> Option<&dyn generate::CausalLm> {
+        None
+    }
+
+    /// Reseeds the model's training-time randomness (dropout). The trainer calls it before every
+    /// step with a seed derived from the run's seed and the step, so the masks of a step do not
+    /// depend on how many steps this process has run: a resumed run draws the same masks as an
+    /// uninterrupted one. Models without randomness ignore it.
+    fn reseed(&self, _seed: u64) {}
 
     /// The loss of a batch: cross-entropy over classes, or next-token cross-entropy over the
     /// unmasked label positions.

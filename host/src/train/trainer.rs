@@ -61,6 +61,7 @@ pub struct Trainer {
     optimizer: AdamW,
     schedule: Schedule,
     max_grad_norm: Option<f64>,
+    seed: u64,
 }
 
 impl Trainer {
@@ -104,6 +105,7 @@ impl Trainer {
             optimizer: AdamW::new(slots, adam)?,
             schedule,
             max_grad_norm: cfg.max_grad_norm,
+            seed: cfg.seed,
         })
     }
 
@@ -143,6 +145,8 @@ impl Trainer {
             ));
         }
         let step = self.step() + 1;
+        // Dropout masks depend only on (seed, step), so a resumed run repeats exactly.
+        model.reseed(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64);
         let scale = 1.0 / micro_batches.len() as f64;
         let (mut forward_s, mut backward_s) = (0.0, 0.0);
         let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];

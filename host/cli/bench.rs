@@ -1,0 +1,93 @@
+//! `whet bench`: performance figures printed as JSON (our baselines; never asserted in tests).
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use whetstone_host::bench::{bench_train, TrainBench};
+use whetstone_host::recipe::TrainingConfig;
+use whetstone_host::train::Trainer;
+
+use crate::model_arg::ModelOptions;
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Time training steps (forward, backward, AdamW update) on random token batches.
+    Train(TrainArgs),
+}
+
+/// Options of `whet bench train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A `.gguf` file, a Hugging Face model directory or `asset:NAME`.
+    #[arg(long, short = 'm')]
+    model: String,
+    #[command(flatten)]
+    options: ModelOptions,
+    /// Examples per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Tokens per example.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed warm-up steps run first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Glob over parameter names to train (repeatable), e.g. `model.layers.29.*`; every
+    /// parameter trains when none is given.
+    #[arg(long)]
+    trainable: Vec<String>,
+    /// Seed of the random batches and of any new head.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Runs a `bench` subcommand and prints its JSON report on stdout.
+pub fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Train(args) => train(args),
+    }
+}
+
+/// `whet bench train`.
+fn train(args: TrainArgs) -> Result<()> {
+    let loaded = args.options.load(&args.model, args.seed)?;
+    let model = loaded.model.as_ref();
+    let params = model.params();
+    params.freeze_all()?;
+    if args.trainable.is_empty() {
+        for param in params.iter() {
+            param.set_trainable(true)?;
+        }
+    } else {
+        params.set_trainable_by_patterns(&args.trainable)?;
+    }
+    let total_steps = args.warmup + args.steps;
+    // A constant learning rate keeps every timed step doing the same work.
+    let cfg = TrainingConfig {
+        lr_scheduler: whetstone_host::train::schedule::SchedulerKind::Constant,
+        ..TrainingConfig::default()
+    };
+    let mut trainer = Trainer::new(model, &cfg, total_steps).context("setting up the optimizer")?;
+    let device = whetstone_host::device::parse_device(&args.options.device)?;
+    let bench = TrainBench {
+        model: args.model.clone(),
+        batch: args.batch,
+        seq: args.seq.min(loaded.max_positions),
+        steps: args.steps,
+        warmup: args.warmup,
+        vocab_size: loaded.tokenizer.get_vocab_size(true),
+        task: model.task(),
+        seed: args.seed,
+    };
+    let counts = (params.num_trainable(), params.num_params());
+    let report = bench_train(&bench, &device, counts, &mut |batch| {
+        trainer
+            .train_step(model, std::slice::from_ref(batch))
+            .map(|_| ())
+    })?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

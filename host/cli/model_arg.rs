@@ -1,0 +1,80 @@
+//! The `--model` argument shared by `generate`, `inspect` and `bench`: a path or `asset:NAME`,
+//! the task head and the device, turned into a loaded model.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use whetstone_host::assets;
+use whetstone_host::model::load::{self, LoadedModel, ModelSpec, Pooling, TaskSpec};
+
+/// The head to put on the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Task {
+    /// Next-token prediction (Llama family).
+    CausalLm,
+    /// Sequence classification over the pooled state (BERT family).
+    Classification,
+}
+
+/// Options that say how to load a model (the model itself is a separate argument: a `.gguf`
+/// file, a Hugging Face model directory, or `asset:NAME` for a fetched asset such as
+/// `asset:smollm2-135m-instruct` or `asset:all-minilm-l6-v2`).
+#[derive(Debug, Clone, Args)]
+pub struct ModelOptions {
+    /// The head; by default `classification` for encoder (BERT-family) directories and
+    /// `causal-lm` otherwise.
+    #[arg(long, value_enum)]
+    pub task: Option<Task>,
+    /// Number of classes of a classification head.
+    #[arg(long, default_value_t = 2)]
+    pub num_labels: usize,
+    /// Where to compute: cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Whether `path` is a Hugging Face directory of an encoder (BERT-family) model.
+fn is_encoder_dir(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path.join("config.json")) else {
+        return false;
+    };
+    let Ok(config) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    let model_type = config["model_type"].as_str().unwrap_or_default();
+    matches!(
+        model_type,
+        "bert" | "roberta" | "xlm-roberta" | "distilbert" | "electra"
+    )
+}
+
+impl ModelOptions {
+    /// The recipe-style spec of `model` (a path or `asset:NAME`) with these options.
+    pub fn spec(&self, model: &str) -> Result<ModelSpec> {
+        let path = assets::resolve_path(model)?;
+        let task = match self.task {
+            Some(Task::CausalLm) => TaskSpec::CausalLm,
+            Some(Task::Classification) => TaskSpec::Classification,
+            None if is_encoder_dir(&path) => TaskSpec::Classification,
+            None => TaskSpec::CausalLm,
+        };
+        Ok(ModelSpec {
+            path: model.to_string(),
+            task,
+            num_labels: self.num_labels,
+            pooling: Pooling::Mean,
+            dropout: None,
+        })
+    }
+
+    /// Loads `model` on the chosen device; `seed` drives any random initialisation (e.g. a
+    /// new classification head).
+    pub fn load(&self, model: &str, seed: u64) -> Result<LoadedModel> {
+        let spec = self.spec(model)?;
+        let device = whetstone_host::device::parse_device(&self.device)?;
+        let loaded = load::load(&spec, &device, seed)
+            .with_context(|| format!("loading model {}", spec.path))?;
+        Ok(loaded)
+    }
+}

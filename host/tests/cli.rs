@@ -1,0 +1,194 @@
+//! End-to-end tests of the `whet` binary: help, inspect on the real all-MiniLM-L6-v2, recipe
+//! errors, `bench train` JSON and the asset table.
+//!
+//! Tests that need a real asset fail (never skip) when it is missing, telling to run
+//! `whet assets fetch`.
+
+// Tests may unwrap: a panic is how a test reports a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Runs the built `whet` with `args`.
+fn whet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The folder of a fetched asset, or a failure telling how to fetch it.
+fn asset(name: &str) -> PathBuf {
+    whetstone_host::assets::resolve_path(&format!("asset:{name}")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn help_lists_every_command() {
+    let out = whet(&["--help"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for command in [
+        "train", "eval", "generate", "inspect", "bench", "assets", "demo",
+    ] {
+        assert!(
+            text.contains(command),
+            "`{command}` missing from --help:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn inspect_minilm_reports_parameters_and_module_names() {
+    let dir = asset("all-minilm-l6-v2");
+    let out = whet(&["inspect", dir.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let total = report["total_params"].as_u64().unwrap();
+    // all-MiniLM-L6-v2 has 22.7M parameters with its pooler, which mean pooling does not use
+    // (22.57M without it), plus the 2-class head.
+    assert!(
+        (22_500_000..22_800_000).contains(&total),
+        "total_params {total}"
+    );
+    assert_eq!(report["num_layers"], 6);
+    let linear: Vec<&str> = report["linear_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for name in [
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.5.output.dense",
+        "classifier",
+    ] {
+        assert!(linear.contains(&name), "{name} not in {linear:?}");
+    }
+    let targets = report["target_modules"].to_string();
+    assert!(
+        targets.contains("\"query\"") && targets.contains("\"value\""),
+        "{targets}"
+    );
+
+    let out = whet(&["inspect", "asset:all-minilm-l6-v2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("parameters:     22.") && text.contains("BertForSequenceClassification"),
+        "{text}"
+    );
+}
+
+#[test]
+fn unknown_recipe_key_is_named_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        "[model]\npath = \"asset:all-minilm-l6-v2\"\ntask = \"classification\"\n\
+         [data]\ntrain = [\"asset:uci-sentiment/imdb.json\"]\n\
+         [training]\nlearning_rat = 1e-3\n[output]\ndir = \"out\"\n",
+    )
+    .unwrap();
+    let out = whet(&["train", recipe.to_str().unwrap(), "--no-progress"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("learning_rat") && err.contains("recipe.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_train_prints_json_figures() {
+    asset("all-minilm-l6-v2");
+    let args = [
+        "bench",
+        "train",
+        "--model",
+        "asset:all-minilm-l6-v2",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--trainable",
+        "classifier.*",
+    ];
+    let out = whet(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (
+            report["batch"].as_u64(),
+            report["seq"].as_u64(),
+            report["steps"].as_u64()
+        ),
+        (Some(2), Some(16), Some(3))
+    );
+    let t = &report["step_time_s"];
+    let (min, median, max) = (
+        t["min"].as_f64().unwrap(),
+        t["median"].as_f64().unwrap(),
+        t["max"].as_f64().unwrap(),
+    );
+    assert!(0.0 < min && min <= median && median <= max, "{t}");
+    assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["peak_rss_mb"].as_f64().unwrap() > 50.0);
+    // The classifier of a 2-class head over 384 features: 384 * 2 + 2.
+    assert_eq!(report["trainable_params"], 770);
+    assert!(report["total_params"].as_u64().unwrap() > 22_000_000);
+}
+
+#[test]
+fn bench_rejects_a_pattern_that_matches_nothing() {
+    asset("all-minilm-l6-v2");
+    let out = whet(&[
+        "bench",
+        "train",
+        "--model",
+        "asset:all-minilm-l6-v2",
+        "--trainable",
+        "model.layers.29.*",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("model.layers.29.*"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn assets_list_and_path() {
+    let out = whet(&["assets", "list", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "smollm2-135m-instruct",
+            "all-minilm-l6-v2",
+            "uci-sentiment",
+            "chatterbot-corpus",
+            "brown-corpus"
+        ]
+    );
+
+    let out = whet(&["assets", "path", "nonexistent-model"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown asset"), "{}", stderr(&out));
+}
