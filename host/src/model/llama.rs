@@ -120,13 +120,13 @@ impl LlamaConfig {
     /// Checks that the head counts divide the widths; returns what is wrong otherwise.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
-        if h == 0 || kv == 0 || self.hidden_size % h != 0 || h % kv != 0 {
+        if h == 0 || kv == 0 || !self.hidden_size.is_multiple_of(h) || !h.is_multiple_of(kv) {
             return Err(format!(
                 "hidden_size {} / num_attention_heads {h} / num_key_value_heads {kv} do not divide evenly",
                 self.hidden_size
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "head dimension {} must be even for rotary embeddings",
                 self.head_dim()
