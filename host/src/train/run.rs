@@ -289,7 +289,9 @@ impl Session<'_> {
         self.session_tokens += stats.tokens;
         self.session_train_s += stats.forward_s + stats.backward_s + stats.optimizer_s;
         let tokens_per_s = stats.tokens_per_s();
-        if stats.step.is_multiple_of(self.training.log_every) || stats.step == self.state.total_steps {
+        if stats.step.is_multiple_of(self.training.log_every)
+            || stats.step == self.state.total_steps
+        {
             let elapsed_s = self.elapsed_before + self.started.elapsed().as_secs_f64();
             self.metrics.write(&MetricsRecord::Train {
                 step: stats.step,
