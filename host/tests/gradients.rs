@@ -563,3 +563,461 @@ fn dropout_equals_a_fixed_mask_and_its_gradient() {
         ops::dropout(&xs[0], p, &mut rng(99))
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fused CPU kernels (`ops::fused`): finite differences in f64, and agreement with the composed
+// reference path (`ops::composed`, used on CUDA/Metal) in f32.
+// ---------------------------------------------------------------------------------------------
+
+/// Relative tolerance of the f32 fused-vs-composed comparisons.
+const F32_TOL: f64 = 1e-5;
+
+fn to_f32(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::F32).unwrap()
+}
+
+/// Output of `f(inputs)` and the gradients of `sum(f(inputs) ⊙ r)` (or of the scalar output
+/// itself when `r` is `None`) for `inputs[i]`, `i ∈ wrt`.
+fn value_and_grads(
+    f: &Op,
+    inputs: &[Tensor],
+    wrt: &[usize],
+    r: Option<&Tensor>,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Option<Var>> = (0..inputs.len())
+        .map(|i| {
+            wrt.contains(&i)
+                .then(|| Var::from_tensor(&inputs[i]).unwrap())
+        })
+        .collect();
+    let xs: Vec<Tensor> = inputs
+        .iter()
+        .zip(&vars)
+        .map(|(t, v)| {
+            v.as_ref()
+                .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+        })
+        .collect();
+    let out = f(&xs).unwrap();
+    let scalar = match r {
+        Some(r) => out.mul(r).unwrap().sum_all().unwrap(),
+        None => out.clone(),
+    };
+    let grads = scalar.backward().unwrap();
+    let g = wrt
+        .iter()
+        .map(|&i| {
+            grads
+                .get(vars[i].as_ref().unwrap().as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for input {i}"))
+                .clone()
+        })
+        .collect();
+    (out, g)
+}
+
+/// Asserts `max |a - b| / max |b| < tol` and that `a` is finite.
+fn assert_close(name: &str, a: &Tensor, b: &Tensor, tol: f64) {
+    assert_eq!(a.dims(), b.dims(), "{name}: shapes differ");
+    let (av, bv) = (flat(a), flat(b));
+    assert!(
+        av.iter().all(|v| v.is_finite()),
+        "{name}: non-finite values"
+    );
+    let err = rel_err(&av, &bv);
+    eprintln!("{name}: fused vs composed: max relative difference {err:.2e}");
+    assert!(
+        err < tol,
+        "{name}: fused and composed differ by {err:.3e} (relative)"
+    );
+}
+
+/// Compares fused `a` and composed `b` (value and gradients for `wrt`) on f32 `inputs`.
+fn fused_vs_composed(
+    name: &str,
+    rng: &mut StdRng,
+    inputs: &[Tensor],
+    wrt: &[usize],
+    a: &Op,
+    b: &Op,
+) {
+    let out = b(inputs).unwrap();
+    let r = (out.rank() > 0).then(|| to_f32(&rand_tensor(rng, out.dims(), 1.0)));
+    let (ya, ga) = value_and_grads(a, inputs, wrt, r.as_ref());
+    let (yb, gb) = value_and_grads(b, inputs, wrt, r.as_ref());
+    assert_eq!(ya.dtype(), DType::F32);
+    assert_close(&format!("{name} value"), &ya, &yb, F32_TOL);
+    for ((i, ga), gb) in wrt.iter().zip(&ga).zip(&gb) {
+        assert!(
+            flat(gb).iter().any(|v| v.abs() > 1e-8),
+            "{name}: zero gradient {i}"
+        );
+        assert_close(&format!("{name} d input {i}"), ga, gb, F32_TOL);
+    }
+}
+
+#[test]
+fn fused_kernels_gradients() {
+    let mut rng = rng(30);
+    let inputs = [
+        rand_tensor(&mut rng, &[3, 4, 9], 2.0),
+        rand_tensor(&mut rng, &[9], 1.0),
+        rand_tensor(&mut rng, &[9], 1.0),
+    ];
+    check("fused rms_norm", &mut rng, &inputs[..2], &[0, 1], &|xs| {
+        ops::fused::rms_norm(&xs[0], &xs[1], 1e-6)
+    });
+    check("fused layer_norm", &mut rng, &inputs, &[0, 1, 2], &|xs| {
+        ops::fused::layer_norm(&xs[0], &xs[1], &xs[2], 1e-5)
+    });
+    // Softmax with masked (-1e4) entries, as attention produces.
+    let mut x = flat(&rand_tensor(&mut rng, &[4, 11], 3.0));
+    for i in [2, 3, 4, 20, 43] {
+        x[i] -= 1e4;
+    }
+    let x = Tensor::from_vec(x, (4, 11), &cpu()).unwrap();
+    check("fused softmax", &mut rng, &[x], &[0], &|xs| {
+        ops::fused::softmax_last_dim(&xs[0])
+    });
+    // Cross-entropy with ignored rows and a dominant (1e4) logit off the target.
+    let targets =
+        Tensor::from_vec(vec![2i64, IGNORE_INDEX, 0, 6, IGNORE_INDEX, 3], 6, &cpu()).unwrap();
+    let mut logits = flat(&rand_tensor(&mut rng, &[6, 7], 2.0));
+    logits[3 * 7 + 1] = 1e4;
+    let logits = Tensor::from_vec(logits, (6, 7), &cpu()).unwrap();
+    check(
+        "fused cross_entropy",
+        &mut rng,
+        &[logits],
+        &[0],
+        &move |xs| ops::fused::cross_entropy(&xs[0], &targets),
+    );
+    let labels = Tensor::from_vec(
+        vec![IGNORE_INDEX, 4, 3, 1, 0, 4, 2, IGNORE_INDEX, IGNORE_INDEX],
+        (3, 3),
+        &cpu(),
+    )
+    .unwrap();
+    let logits = rand_tensor(&mut rng, &[3, 3, 5], 2.0);
+    check(
+        "fused causal_lm_loss",
+        &mut rng,
+        &[logits],
+        &[0],
+        &move |xs| ops::fused::causal_lm_loss(&xs[0], &labels),
+    );
+}
+
+#[test]
+fn composed_reference_gradients() {
+    // The composed path is what CUDA and Metal run: keep it proven too.
+    let mut rng = rng(31);
+    let inputs = [
+        rand_tensor(&mut rng, &[2, 3, 6], 1.0),
+        rand_tensor(&mut rng, &[6], 1.0),
+        rand_tensor(&mut rng, &[6], 1.0),
+    ];
+    check(
+        "composed rms_norm",
+        &mut rng,
+        &inputs[..2],
+        &[0, 1],
+        &|xs| ops::composed::rms_norm(&xs[0], &xs[1], 1e-5),
+    );
+    check(
+        "composed layer_norm",
+        &mut rng,
+        &inputs,
+        &[0, 1, 2],
+        &|xs| ops::composed::layer_norm(&xs[0], &xs[1], &xs[2], 1e-5),
+    );
+    check("composed softmax", &mut rng, &inputs[..1], &[0], &|xs| {
+        ops::composed::softmax_last_dim(&xs[0])
+    });
+    let targets = Tensor::from_vec(vec![2i64, IGNORE_INDEX, 0, 4, 5, 1], 6, &cpu()).unwrap();
+    check(
+        "composed cross_entropy",
+        &mut rng,
+        &[inputs[0].reshape((6, 6)).unwrap()],
+        &[0],
+        &move |xs| ops::composed::cross_entropy(&xs[0], &targets),
+    );
+    let labels =
+        Tensor::from_vec(vec![IGNORE_INDEX, 4, 3, 1, 0, IGNORE_INDEX], (2, 3), &cpu()).unwrap();
+    check(
+        "composed causal_lm_loss",
+        &mut rng,
+        &inputs[..1],
+        &[0],
+        &move |xs| ops::composed::causal_lm_loss(&xs[0], &labels),
+    );
+}
+
+#[test]
+fn fused_cross_entropy_matches_composed_in_f32() {
+    let mut rng = rng(32);
+    let (n, classes) = (40usize, 3001usize);
+    let mut logits = flat(&rand_tensor(&mut rng, &[n, classes], 4.0));
+    let mut targets: Vec<i64> = (0..n)
+        .map(|_| rng.random_range(0..classes as i64))
+        .collect();
+    for row in [3, 17, 39] {
+        targets[row] = IGNORE_INDEX;
+    }
+    // One logit dominates: at the target (loss ≈ 0) and off the target (loss ≈ 1e4).
+    logits[5 * classes + targets[5] as usize] = 1e4;
+    logits[6 * classes + (targets[6] as usize + 1) % classes] = 1e4;
+    // A "-inf-ish" row: every logit -1e30 (uniform, loss ln(classes)).
+    logits[7 * classes..8 * classes].fill(-1e30);
+    let logits = to_f32(&Tensor::from_vec(logits, (n, classes), &cpu()).unwrap());
+    let t = Tensor::from_vec(targets.clone(), n, &cpu()).unwrap();
+    let t2 = t.clone();
+    fused_vs_composed(
+        "cross_entropy f32",
+        &mut rng,
+        std::slice::from_ref(&logits),
+        &[0],
+        &move |xs| ops::fused::cross_entropy(&xs[0], &t),
+        &move |xs| ops::composed::cross_entropy(&xs[0], &t2),
+    );
+    // The public function takes the fused path on the CPU (same bits).
+    let t = Tensor::from_vec(targets.clone(), n, &cpu()).unwrap();
+
+    assert_eq!(
+        ops::cross_entropy(&logits, &t)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .to_bits(),
+        ops::fused::cross_entropy(&logits, &t)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .to_bits()
+    );
+    // u32 targets (no ignored rows) agree with i64 ones.
+    let valid: Vec<i64> = targets.iter().map(|&t| if t < 0 { 0 } else { t }).collect();
+    let t64 = Tensor::from_vec(valid.clone(), n, &cpu()).unwrap();
+    let t32 = Tensor::from_vec(
+        valid.iter().map(|&t| t as u32).collect::<Vec<_>>(),
+        n,
+        &cpu(),
+    )
+    .unwrap();
+    let a = ops::fused::cross_entropy(&logits, &t32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let b = ops::composed::cross_entropy(&logits, &t64)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(((a - b) / b).abs() < 1e-5, "u32 targets: {a} vs {b}");
+}
+
+#[test]
+fn fused_cross_entropy_edge_cases() {
+    let mut rng = rng(33);
+    // No valid target: loss 0 and an all-zero gradient.
+    let logits = Var::from_tensor(&rand_tensor(&mut rng, &[4, 5], 1.0)).unwrap();
+    let none = Tensor::from_vec(vec![IGNORE_INDEX; 4], 4, &cpu()).unwrap();
+    let loss = ops::fused::cross_entropy(logits.as_tensor(), &none).unwrap();
+    assert_eq!(loss.to_scalar::<f64>().unwrap(), 0.0);
+    let g = flat(loss.backward().unwrap().get(logits.as_tensor()).unwrap());
+    assert!(g.iter().all(|v| *v == 0.0));
+    // An ignored row of -inf logits (e.g. fully masked) does not poison the loss or gradient,
+    // which equal those of the same batch with that row replaced by zeros.
+    let mut data = flat(&rand_tensor(&mut rng, &[4, 5], 1.0));
+    let targets = Tensor::from_vec(vec![1i64, IGNORE_INDEX, 4, 0], 4, &cpu()).unwrap();
+    data[5..10].fill(f64::NEG_INFINITY);
+    let with_inf =
+        Var::from_tensor(&Tensor::from_vec(data.clone(), (4, 5), &cpu()).unwrap()).unwrap();
+    data[5..10].fill(0.0);
+    let with_zero = Tensor::from_vec(data, (4, 5), &cpu()).unwrap();
+    let loss = ops::fused::cross_entropy(with_inf.as_tensor(), &targets).unwrap();
+    let expected = ops::composed::cross_entropy(&with_zero, &targets).unwrap();
+    let (l, e) = (
+        loss.to_scalar::<f64>().unwrap(),
+        expected.to_scalar::<f64>().unwrap(),
+    );
+    assert!(l.is_finite() && (l - e).abs() < 1e-12, "{l} vs {e}");
+    let g = flat(loss.backward().unwrap().get(with_inf.as_tensor()).unwrap());
+    assert!(g.iter().all(|v| v.is_finite()));
+    assert!(g[5..10].iter().all(|v| *v == 0.0));
+    // A valid row of -inf logits is the limit of equal logits: loss ln(5), gradient 1/5 - onehot.
+    let row = Var::from_tensor(&Tensor::full(f64::NEG_INFINITY, (1, 5), &cpu()).unwrap()).unwrap();
+    let t = Tensor::from_vec(vec![2i64], 1, &cpu()).unwrap();
+    let loss = ops::fused::cross_entropy(row.as_tensor(), &t).unwrap();
+    assert!((loss.to_scalar::<f64>().unwrap() - 5f64.ln()).abs() < 1e-12);
+    let g = flat(loss.backward().unwrap().get(row.as_tensor()).unwrap());
+    assert_eq!(g, vec![0.2, 0.2, 0.2 - 1.0, 0.2, 0.2]);
+    // NaN logits give a NaN loss (so that training can stop), also when every logit is NaN.
+    let nan = Tensor::full(f64::NAN, (2, 5), &cpu()).unwrap();
+    let t2 = Tensor::from_vec(vec![1i64, 3], 2, &cpu()).unwrap();
+    let loss = ops::fused::cross_entropy(&nan, &t2).unwrap();
+    assert!(loss.to_scalar::<f64>().unwrap().is_nan());
+    let mut one_nan = flat(&rand_tensor(&mut rng, &[2, 5], 1.0));
+    one_nan[7] = f64::NAN;
+    let one_nan = Tensor::from_vec(one_nan, (2, 5), &cpu()).unwrap();
+    let loss = ops::fused::cross_entropy(&one_nan, &t2).unwrap();
+    assert!(loss.to_scalar::<f64>().unwrap().is_nan());
+    assert!(flat(&ops::fused::softmax_last_dim(&nan).unwrap())
+        .iter()
+        .all(|v| v.is_nan()));
+    // Out-of-range targets are an error, not a silent read.
+    let bad = Tensor::from_vec(vec![5i64], 1, &cpu()).unwrap();
+    assert!(ops::fused::cross_entropy(&row.as_tensor().zeros_like().unwrap(), &bad).is_err());
+    let bad = Tensor::from_vec(vec![-3i64], 1, &cpu()).unwrap();
+    assert!(ops::fused::cross_entropy(&row.as_tensor().zeros_like().unwrap(), &bad).is_err());
+}
+
+#[test]
+fn fused_causal_lm_loss_matches_composed_in_f32() {
+    let mut rng = rng(34);
+    let (b, s, v) = (3usize, 9usize, 500usize);
+    let logits = to_f32(&rand_tensor(&mut rng, &[b, s, v], 3.0));
+    let mut labels: Vec<i64> = (0..b * s).map(|_| rng.random_range(0..v as i64)).collect();
+    for i in [0, 1, 2, 9, 17, 18, 19, 20] {
+        labels[i] = IGNORE_INDEX;
+    }
+    let labels = Tensor::from_vec(labels, (b, s), &cpu()).unwrap();
+    let l2 = labels.clone();
+    fused_vs_composed(
+        "causal_lm_loss f32",
+        &mut rng,
+        &[logits],
+        &[0],
+        &move |xs| ops::fused::causal_lm_loss(&xs[0], &labels),
+        &move |xs| ops::composed::causal_lm_loss(&xs[0], &l2),
+    );
+}
+
+#[test]
+fn fused_norms_and_softmax_match_composed_in_f32() {
+    let mut rng = rng(35);
+    let x = to_f32(&rand_tensor(&mut rng, &[4, 7, 64], 2.0));
+    let w = to_f32(&rand_tensor(&mut rng, &[64], 1.5));
+    let bias = to_f32(&rand_tensor(&mut rng, &[64], 1.0));
+    fused_vs_composed(
+        "rms_norm f32",
+        &mut rng,
+        &[x.clone(), w.clone()],
+        &[0, 1],
+        &|xs| ops::fused::rms_norm(&xs[0], &xs[1], 1e-5),
+        &|xs| ops::composed::rms_norm(&xs[0], &xs[1], 1e-5),
+    );
+    fused_vs_composed(
+        "layer_norm f32",
+        &mut rng,
+        &[x.clone(), w.clone(), bias.clone()],
+        &[0, 1, 2],
+        &|xs| ops::fused::layer_norm(&xs[0], &xs[1], &xs[2], 1e-12),
+        &|xs| ops::composed::layer_norm(&xs[0], &xs[1], &xs[2], 1e-12),
+    );
+    // Attention-like scores with a causal and padding bias.
+    let scores = to_f32(&rand_tensor(&mut rng, &[2, 3, 5, 5], 4.0));
+    let bias_mask = ops::attention_bias(&padded_mask(), 5, true, DType::F32).unwrap();
+    let scores = scores.broadcast_add(&bias_mask).unwrap();
+    fused_vs_composed(
+        "softmax f32",
+        &mut rng,
+        &[scores],
+        &[0],
+        &|xs| ops::fused::softmax_last_dim(&xs[0]),
+        &|xs| ops::composed::softmax_last_dim(&xs[0]),
+    );
+    // The public functions take the fused path on the CPU (same bits).
+    let same = |a: Tensor, b: Tensor| {
+        let bits = |t: Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(a), bits(b));
+    };
+    same(
+        ops::rms_norm(&x, &w, 1e-5).unwrap(),
+        ops::fused::rms_norm(&x, &w, 1e-5).unwrap(),
+    );
+    same(
+        ops::layer_norm(&x, &w, &bias, 1e-5).unwrap(),
+        ops::fused::layer_norm(&x, &w, &bias, 1e-5).unwrap(),
+    );
+    same(
+        ops::softmax_last_dim(&x).unwrap(),
+        ops::fused::softmax_last_dim(&x).unwrap(),
+    );
+    // Non-contiguous inputs are handled (made contiguous) and give the same values.
+    let xt = x.transpose(1, 2).unwrap();
+    assert!(!xt.is_contiguous());
+    assert_close(
+        "softmax f32 (transposed input)",
+        &ops::fused::softmax_last_dim(&xt).unwrap(),
+        &ops::composed::softmax_last_dim(&xt).unwrap(),
+        F32_TOL,
+    );
+    let wt = to_f32(&rand_tensor(&mut rng, &[7], 1.0));
+    assert_close(
+        "rms_norm f32 (transposed input)",
+        &ops::fused::rms_norm(&xt, &wt, 1e-5).unwrap(),
+        &ops::composed::rms_norm(&xt, &wt, 1e-5).unwrap(),
+        F32_TOL,
+    );
+}
+
+#[test]
+fn fused_norms_compute_no_gradient_for_frozen_weights() {
+    let mut rng = rng(36);
+    let x = Var::from_tensor(&rand_tensor(&mut rng, &[3, 8], 1.0)).unwrap();
+    let w = rand_tensor(&mut rng, &[8], 1.0);
+    let b = rand_tensor(&mut rng, &[8], 1.0);
+    let r = rand_tensor(&mut rng, &[3, 8], 1.0);
+    for (name, y) in [
+        (
+            "rms_norm",
+            ops::fused::rms_norm(x.as_tensor(), &w, 1e-6).unwrap(),
+        ),
+        (
+            "layer_norm",
+            ops::fused::layer_norm(x.as_tensor(), &w, &b, 1e-6).unwrap(),
+        ),
+    ] {
+        let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(x.as_tensor()).is_some(),
+            "{name}: no input gradient"
+        );
+        assert!(
+            grads.get(&w).is_none(),
+            "{name}: frozen weight got a gradient"
+        );
+        assert!(
+            grads.get(&b).is_none(),
+            "{name}: frozen bias got a gradient"
+        );
+        for id in grads.get_ids() {
+            assert_ne!(
+                grads.get_id(*id).unwrap().dims(),
+                [8],
+                "{name}: a weight-shaped gradient was computed for a frozen weight"
+            );
+        }
+    }
+    // A trainable weight with a frozen input: the weight gradient only.
+    let wv = Var::from_tensor(&w).unwrap();
+    let x0 = x.as_tensor().detach();
+    let grads = ops::fused::rms_norm(&x0, wv.as_tensor(), 1e-6)
+        .unwrap()
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(grads.get(wv.as_tensor()).is_some());
+    assert!(grads.get(&x0).is_none());
+}

@@ -5,10 +5,17 @@
 //! computes a gradient for frozen weights too. The model code therefore only uses the operations
 //! of this module, each covered by a finite-difference gradient test, and multiplies by frozen
 //! weights through [`frozen_linear`], whose backward computes only the input gradient.
+//!
+//! On f32/f64 CPU tensors, RMSNorm, LayerNorm, the last-dimension softmax and the cross-entropy
+//! losses run as fused kernels with hand-written backward passes ([`fused`]); elsewhere (CUDA,
+//! Metal, half precision) they run as compositions of candle primitives ([`composed`]). Both are
+//! proven by finite differences and checked against each other in `host/tests/gradients.rs`.
 
 mod activation;
 mod attention;
+pub mod composed;
 mod dropout;
+pub mod fused;
 mod linear;
 mod loss;
 mod norm;
@@ -22,14 +29,19 @@ pub use loss::{causal_lm_loss, cross_entropy, IGNORE_INDEX};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{rope, RotaryEmbedding};
 
-/// Softmax over the last dimension, built from differentiable primitives (max-shifted).
+/// Softmax over the last dimension: the fused CPU kernel for f32/f64 CPU tensors, the composed
+/// (max-shifted) path elsewhere.
 pub fn softmax_last_dim(xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-    candle_nn::ops::softmax(xs, candle_core::D::Minus1)
+    if fused::supports(&[xs]) {
+        fused::softmax_last_dim(xs)
+    } else {
+        composed::softmax_last_dim(xs)
+    }
 }
 
 /// Log-softmax over the last dimension, built from differentiable primitives.
 pub fn log_softmax_last_dim(xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-    candle_nn::ops::log_softmax(xs, candle_core::D::Minus1)
+    composed::log_softmax_last_dim(xs)
 }
 
 /// Embedding lookup: rows of `table` `[vocab, hidden]` for `ids` of any shape; the result has

@@ -1,13 +1,17 @@
-//! Normalisation layers (RMSNorm, LayerNorm) from differentiable primitives, computed in f32 or
-//! the input's dtype when wider.
+//! Normalisation layers (RMSNorm, LayerNorm) over the last dimension: the fused CPU kernels
+//! ([`super::fused`]) for f32/f64 CPU tensors, the composed path ([`super::composed`]) elsewhere.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
+
+use super::{composed, fused};
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) * weight` over the last dimension (Llama).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (mean_sq + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(weight)
+    if fused::supports(&[x, weight]) {
+        fused::rms_norm(x, weight, eps)
+    } else {
+        composed::rms_norm(x, weight, eps)
+    }
 }
 
 /// LayerNorm: `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension (BERT).
@@ -17,12 +21,9 @@ pub fn layer_norm(
     bias: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (var + eps)?.sqrt()?.recip()?;
-    centered
-        .broadcast_mul(&inv)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
+    if fused::supports(&[x, weight, bias]) {
+        fused::layer_norm(x, weight, bias, eps)
+    } else {
+        composed::layer_norm(x, weight, bias, eps)
+    }
 }

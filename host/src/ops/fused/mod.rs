@@ -1,0 +1,120 @@
+//! Fused CPU kernels with hand-written backward passes for the hot operations of training.
+//!
+//! The composed versions in [`super::composed`] are built from candle primitives: each step
+//! allocates a full-size temporary and candle's autograd walks every one of them again in the
+//! backward pass. On the `[tokens, vocab]` logits of a causal LM (e.g. `[1024, 49152]`, 200 MB in
+//! f32) that costs far more than the matrix products. The kernels of this module do the whole
+//! operation in one pass per row (rows in parallel with rayon) and compute the gradient in one
+//! more pass, as candle custom ops whose `bwd` is proven by finite-difference tests
+//! (`host/tests/gradients.rs`).
+//!
+//! They run on CPU tensors of dtype f32 or f64 ([`supports`]); the public functions of
+//! [`crate::ops`] dispatch here when that holds and to the composed path otherwise (CUDA, Metal,
+//! half precision).
+
+mod cross_entropy;
+mod layer_norm;
+mod rms_norm;
+mod softmax;
+
+pub use cross_entropy::{causal_lm_loss, cross_entropy};
+pub use layer_norm::layer_norm;
+pub use rms_norm::rms_norm;
+pub use softmax::softmax_last_dim;
+
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
+
+/// Whether the fused kernels handle every tensor of `ts`: all on the CPU, all f32 or all f64.
+pub fn supports(ts: &[&Tensor]) -> bool {
+    let Some(first) = ts.first() else {
+        return false;
+    };
+    let dtype = first.dtype();
+    matches!(dtype, DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+}
+
+/// Minimum number of elements a rayon task works on, so that small rows are batched together.
+const MIN_TASK_ELEMS: usize = 16 * 1024;
+
+/// Rows per rayon task for rows of `width` elements.
+fn min_rows(width: usize) -> usize {
+    MIN_TASK_ELEMS.div_ceil(width.max(1))
+}
+
+/// The float types the kernels are written for (f32, f64).
+trait Real: WithDType {
+    /// `e^self`.
+    fn exp(self) -> Self;
+
+    /// Whether `self` is NaN.
+    fn is_nan(self) -> bool;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+}
+
+/// The elements of `storage` described by `layout`, which must be contiguous.
+fn contiguous<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    let data = storage.as_slice::<T>()?;
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg(format!("{op}: the kernel needs a contiguous input"))
+    })?;
+    Ok(&data[start..end])
+}
+
+/// Runs `f` on the elements of the CPU tensor `t` (made contiguous first).
+fn with_slice<T: WithDType, R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: the fused kernel runs on CPU tensors only");
+    };
+    f(contiguous(cpu, layout, op)?)
+}
+
+/// The scalar upstream gradient `grad` as f64.
+fn scalar(grad: &Tensor) -> candle_core::Result<f64> {
+    grad.to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .first()
+        .copied()
+        .ok_or_else(|| candle_core::Error::Msg("empty upstream gradient".into()))
+}
+
+/// The last dimension of a `[..., d]` layout; an error for a scalar or an empty last dimension.
+fn last_dim(layout: &Layout, op: &str) -> candle_core::Result<usize> {
+    match layout.shape().dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => candle_core::bail!(
+            "{op}: input of shape {:?} has no last dimension to work on",
+            layout.shape().dims()
+        ),
+    }
+}
