@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use whetstone_host::bench::{bench_train, TrainBench};
+use whetstone_host::bench::{bench_train, StepPhases, TrainBench};
 use whetstone_host::recipe::TrainingConfig;
 use whetstone_host::train::Trainer;
 
@@ -86,7 +86,11 @@ fn train(args: TrainArgs) -> Result<()> {
     let report = bench_train(&bench, &device, counts, &mut |batch| {
         trainer
             .train_step(model, std::slice::from_ref(batch))
-            .map(|_| ())
+            .map(|s| StepPhases {
+                forward: s.forward_s,
+                backward: s.backward_s,
+                optimizer: s.optimizer_s,
+            })
     })?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -138,6 +138,8 @@ pub struct TrainBenchReport {
     pub steps: usize,
     /// Wall time of one training step (forward, backward, optimizer update).
     pub step_time_s: TimingStats,
+    /// Median time of each phase of a step, as the step function measured it.
+    pub phases_median_s: StepPhases,
     /// `batch × seq / median step time`.
     pub tokens_per_s: f64,
     /// Peak resident memory of the process in MiB, when the OS reports it.
@@ -148,13 +150,24 @@ pub struct TrainBenchReport {
     pub total_params: usize,
 }
 
+/// How long the phases of one training step took, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepPhases {
+    /// Forward pass and loss.
+    pub forward: f64,
+    /// Backward pass (gradients), including clipping.
+    pub backward: f64,
+    /// Optimizer update.
+    pub optimizer: f64,
+}
+
 /// Runs `cfg.warmup` untimed and `cfg.steps` timed calls of `step` on fresh random batches
 /// (built outside the timed region) and reports the figures.
 pub fn bench_train(
     cfg: &TrainBench,
     device: &Device,
     (trainable_params, total_params): (usize, usize),
-    step: &mut dyn FnMut(&Batch) -> Result<()>,
+    step: &mut dyn FnMut(&Batch) -> Result<StepPhases>,
 ) -> Result<TrainBenchReport> {
     if cfg.steps == 0 {
         return Err(Error::config(
@@ -163,6 +176,7 @@ pub fn bench_train(
     }
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut samples = Vec::with_capacity(cfg.steps);
+    let mut phases = Vec::with_capacity(cfg.steps);
     for i in 0..cfg.warmup + cfg.steps {
         let batch = random_batch(
             cfg.vocab_size,
@@ -173,20 +187,31 @@ pub fn bench_train(
             &mut rng,
         )?;
         let start = Instant::now();
-        step(&batch)?;
+        let phase = step(&batch)?;
         device.synchronize()?;
         if i >= cfg.warmup {
             samples.push(start.elapsed().as_secs_f64());
+            phases.push(phase);
         }
     }
     let step_time_s = TimingStats::from_samples(&samples)
         .ok_or_else(|| Error::config("the benchmark recorded no step"))?;
+    let median_of = |f: fn(&StepPhases) -> f64| {
+        let values: Vec<f64> = phases.iter().map(f).collect();
+        TimingStats::from_samples(&values).map_or(0.0, |t| t.median)
+    };
+    let phases_median_s = StepPhases {
+        forward: median_of(|p| p.forward),
+        backward: median_of(|p| p.backward),
+        optimizer: median_of(|p| p.optimizer),
+    };
     Ok(TrainBenchReport {
         model: cfg.model.clone(),
         batch: cfg.batch,
         seq: cfg.seq,
         steps: cfg.steps,
         step_time_s,
+        phases_median_s,
         tokens_per_s: (cfg.batch * cfg.seq) as f64 / step_time_s.median.max(1e-12),
         peak_rss_mb: peak_rss_mb(),
         trainable_params,
@@ -267,11 +292,24 @@ mod tests {
             calls += 1;
             assert_eq!(b.num_tokens, 6);
             std::thread::sleep(std::time::Duration::from_millis(2));
-            Ok(())
+            Ok(StepPhases {
+                forward: 0.5,
+                backward: 1.0 + calls as f64,
+                optimizer: 0.25,
+            })
         })
         .unwrap();
         assert_eq!(calls, 6);
         assert!(report.step_time_s.min >= 0.002 && report.tokens_per_s > 0.0);
         assert!(serde_json::to_value(&report).unwrap()["step_time_s"]["median"].is_number());
+        // Timed calls are 3..=6, so the median backward is 1 + 4.5.
+        assert_eq!(
+            report.phases_median_s,
+            StepPhases {
+                forward: 0.5,
+                backward: 5.5,
+                optimizer: 0.25
+            }
+        );
     }
 }

@@ -145,6 +145,14 @@ fn bench_train_prints_json_figures() {
         t["max"].as_f64().unwrap(),
     );
     assert!(0.0 < min && min <= median && median <= max, "{t}");
+    let phases = &report["phases_median_s"];
+    let forward = phases["forward"].as_f64().unwrap();
+    let backward = phases["backward"].as_f64().unwrap();
+    assert!(forward > 0.0 && backward > 0.0, "{phases}");
+    assert!(
+        forward + backward <= max * 1.01,
+        "phases fit in the step: {phases} vs {t}"
+    );
     assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["peak_rss_mb"].as_f64().unwrap() > 50.0);
     // The classifier of a 2-class head over 384 features: 384 * 2 + 2.
