@@ -88,7 +88,7 @@ pub struct LoadedModel {
 }
 
 /// Model families the host implements, keyed by `config.json`'s `model_type`.
-const LLAMA_TYPES: &[&str] = &["llama", "mistral", "qwen2", "smollm", "smollm2"];
+const LLAMA_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
 const BERT_TYPES: &[&str] = &["bert", "roberta", "xlm-roberta"];
 
 /// Loads the model described by `spec` onto `device`. `seed` initialises any new head and seeds
@@ -188,5 +188,61 @@ impl ModelSpec {
             pooling: Pooling::default(),
             dropout: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_err(spec: &ModelSpec) -> String {
+        match load(spec, &candle_core::Device::Cpu, 0) {
+            Ok(_) => panic!("loading {} should fail", spec.path),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn dispatch_errors_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+
+        let missing = dir.path().join("nope");
+        let err = load_err(&ModelSpec::new(path(&missing), TaskSpec::CausalLm));
+        assert!(err.contains("no such file or directory"), "{err}");
+
+        let text = dir.path().join("weights.bin");
+        std::fs::write(&text, b"not a model").unwrap();
+        let err = load_err(&ModelSpec::new(path(&text), TaskSpec::CausalLm));
+        assert!(err.contains("expected a .gguf file"), "{err}");
+
+        let gguf = dir.path().join("m.gguf");
+        std::fs::write(&gguf, b"GGUF").unwrap();
+        let err = load_err(&ModelSpec::new(path(&gguf), TaskSpec::Classification));
+        assert!(
+            err.contains("is a causal LM") && err.contains("task = \"causal-lm\""),
+            "{err}"
+        );
+
+        let hf = dir.path().join("hf");
+        std::fs::create_dir(&hf).unwrap();
+        std::fs::write(hf.join("config.json"), br#"{"model_type": "gpt2"}"#).unwrap();
+        let err = load_err(&ModelSpec::new(path(&hf), TaskSpec::CausalLm));
+        assert!(
+            err.contains("unsupported model_type `gpt2`") && err.contains("config.json"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_directory_with_two_gguf_files_is_ambiguous() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.gguf"), b"").unwrap();
+        std::fs::write(dir.path().join("b.gguf"), b"").unwrap();
+        let err = load_err(&ModelSpec::new(
+            dir.path().to_string_lossy(),
+            TaskSpec::CausalLm,
+        ));
+        assert!(err.contains("several .gguf files"), "{err}");
     }
 }
