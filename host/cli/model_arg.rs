@@ -1,8 +1,6 @@
 //! The `--model` argument shared by `generate`, `inspect` and `bench`: a path or `asset:NAME`,
 //! the task head and the device, turned into a loaded model.
 
-use std::path::Path;
-
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use whetstone_host::assets;
@@ -34,21 +32,6 @@ pub struct ModelOptions {
     pub device: String,
 }
 
-/// Whether `path` is a Hugging Face directory of an encoder (BERT-family) model.
-fn is_encoder_dir(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path.join("config.json")) else {
-        return false;
-    };
-    let Ok(config) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return false;
-    };
-    let model_type = config["model_type"].as_str().unwrap_or_default();
-    matches!(
-        model_type,
-        "bert" | "roberta" | "xlm-roberta" | "distilbert" | "electra"
-    )
-}
-
 impl ModelOptions {
     /// The recipe-style spec of `model` (a path or `asset:NAME`) with these options.
     pub fn spec(&self, model: &str) -> Result<ModelSpec> {
@@ -56,8 +39,7 @@ impl ModelOptions {
         let task = match self.task {
             Some(Task::CausalLm) => TaskSpec::CausalLm,
             Some(Task::Classification) => TaskSpec::Classification,
-            None if is_encoder_dir(&path) => TaskSpec::Classification,
-            None => TaskSpec::CausalLm,
+            None => load::default_task(&path),
         };
         Ok(ModelSpec {
             path: model.to_string(),

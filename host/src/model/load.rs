@@ -147,6 +147,20 @@ pub fn load(spec: &ModelSpec, device: &candle_core::Device, seed: u64) -> Result
     Ok(loaded)
 }
 
+/// The head a model at `path` (a resolved path) gets when none is asked for: `classification`
+/// for BERT-family Hugging Face directories, `causal-lm` for everything else.
+pub fn default_task(path: &Path) -> TaskSpec {
+    let model_type = hf::read_config(path).ok().and_then(|c| {
+        c.get("model_type")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    });
+    match model_type {
+        Some(t) if BERT_TYPES.contains(&t.as_str()) => TaskSpec::Classification,
+        _ => TaskSpec::CausalLm,
+    }
+}
+
 /// The single `.gguf` file inside `dir`, when `dir` is a directory without `config.json`.
 fn gguf_in_dir(dir: &Path) -> Result<Option<PathBuf>> {
     if !dir.is_dir() || dir.join("config.json").exists() {
@@ -232,6 +246,14 @@ mod tests {
             err.contains("unsupported model_type `gpt2`") && err.contains("config.json"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn default_task_follows_the_model_type() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(default_task(dir.path()), TaskSpec::CausalLm);
+        std::fs::write(dir.path().join("config.json"), br#"{"model_type": "bert"}"#).unwrap();
+        assert_eq!(default_task(dir.path()), TaskSpec::Classification);
     }
 
     #[test]
