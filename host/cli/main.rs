@@ -90,8 +90,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
+            // Library errors already include their source's text (`path: reason`); print a
+            // cause only when it adds something.
+            let mut previous = error.to_string();
             for cause in error.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let text = cause.to_string();
+                if !previous.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                }
+                previous = text;
             }
             ExitCode::FAILURE
         }
