@@ -9,7 +9,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, min_rows, supports, with_slice, Real};
+use super::{column_sums, contiguous, min_rows, supports, with_slice, Real};
 
 /// The fused LayerNorm op.
 struct LayerNorm {
@@ -44,39 +44,6 @@ type Wanted = (bool, bool, bool);
 
 /// Gradients `(dx, dw, db)`, each computed only when wanted.
 type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
-
-/// Column sums over rows of `f(row, g, stats)` into a `[d]` vector.
-fn column_sums<T: Real>(
-    x: &[T],
-    g: &[T],
-    stats: &[(f64, f64)],
-    d: usize,
-    f: impl Fn(f64, f64, (f64, f64)) -> f64 + Sync,
-) -> Vec<T> {
-    x.par_chunks(d)
-        .zip(g.par_chunks(d))
-        .zip(stats.par_iter())
-        .with_min_len(min_rows(d))
-        .fold(
-            || vec![0.0f64; d],
-            |mut acc, ((x, g), &s)| {
-                for ((a, &x), &g) in acc.iter_mut().zip(x).zip(g) {
-                    *a += f(x.to_f64(), g.to_f64(), s);
-                }
-                acc
-            },
-        )
-        .reduce(
-            || vec![0.0f64; d],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
-        .into_iter()
-        .map(T::from_f64)
-        .collect()
-}
 
 fn backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64, want: Wanted) -> Grads<T> {
     let d = w.len();

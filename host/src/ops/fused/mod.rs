@@ -23,6 +23,7 @@ pub use rms_norm::rms_norm;
 pub use softmax::softmax_last_dim;
 
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
+use rayon::prelude::*;
 
 /// Whether the fused kernels handle every tensor of `ts`: all on the CPU, all f32 or all f64.
 pub fn supports(ts: &[&Tensor]) -> bool {
@@ -40,6 +41,40 @@ const MIN_TASK_ELEMS: usize = 16 * 1024;
 /// Rows per rayon task for rows of `width` elements.
 fn min_rows(width: usize) -> usize {
     MIN_TASK_ELEMS.div_ceil(width.max(1))
+}
+
+/// Column sums over rows of `f(x, g, row_stats)` into a `[d]` vector (the weight and bias
+/// gradients of the row-wise norms), accumulated in f64.
+fn column_sums<T: Real, S: Copy + Sync>(
+    x: &[T],
+    g: &[T],
+    stats: &[S],
+    d: usize,
+    f: impl Fn(f64, f64, S) -> f64 + Sync,
+) -> Vec<T> {
+    x.par_chunks(d)
+        .zip(g.par_chunks(d))
+        .zip(stats.par_iter())
+        .with_min_len(min_rows(d))
+        .fold(
+            || vec![0.0f64; d],
+            |mut acc, ((x, g), &s)| {
+                for ((a, &x), &g) in acc.iter_mut().zip(x).zip(g) {
+                    *a += f(x.to_f64(), g.to_f64(), s);
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![0.0f64; d],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+        .into_iter()
+        .map(T::from_f64)
+        .collect()
 }
 
 /// The float types the kernels are written for (f32, f64).

@@ -8,7 +8,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, min_rows, supports, with_slice, Real};
+use super::{column_sums, contiguous, min_rows, supports, with_slice, Real};
 
 /// The fused RMSNorm op.
 struct RmsNorm {
@@ -71,30 +71,7 @@ fn backward<T: Real>(
             });
         out
     });
-    let dw = want_dw.then(|| {
-        let sums = x
-            .par_chunks(d)
-            .zip(g.par_chunks(d))
-            .zip(inv.par_iter())
-            .with_min_len(min_rows(d))
-            .fold(
-                || vec![0.0f64; d],
-                |mut acc, ((x, g), &r)| {
-                    for ((a, &x), &g) in acc.iter_mut().zip(x).zip(g) {
-                        *a += g.to_f64() * x.to_f64() * r;
-                    }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0.0f64; d],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
-        sums.into_iter().map(T::from_f64).collect()
-    });
+    let dw = want_dw.then(|| column_sums(x, g, &inv, d, |x, g, r| g * x * r));
     (dx, dw)
 }
 
