@@ -70,6 +70,17 @@ pub enum Error {
         value: f32,
     },
 
+    /// A plugin failed, trapped, timed out or was refused; names the plugin and the call.
+    #[error("plugin `{plugin}`: {call}: {message}")]
+    Plugin {
+        /// The plugin's id (or its path before the id is known).
+        plugin: String,
+        /// The contract call (`load`, `create-method`, `forward-linear`, ...).
+        call: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// The run was cancelled by the user or a callback.
     #[error("cancelled")]
     Cancelled,
@@ -91,6 +102,19 @@ impl Error {
     pub fn bad_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::BadFile {
             path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A plugin error.
+    pub fn plugin(
+        plugin: impl Into<String>,
+        call: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::Plugin {
+            plugin: plugin.into(),
+            call: call.into(),
             message: message.into(),
         }
     }

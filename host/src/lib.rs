@@ -12,6 +12,7 @@
 //! - [`train`]: optimizer, schedules, checkpoints, metrics and the training loop;
 //! - [`recipe`]: the TOML recipe that describes a fine-tuning run;
 //! - [`assets`]: fetching and verifying the real models and datasets;
+//! - [`plugin`]: PEFT methods, losses and data loaders as native or WebAssembly plugins;
 //! - [`bench`]: measured figures (step time, tokens/s, peak RSS).
 
 pub mod assets;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod model;
 pub mod ops;
 pub mod params;
+pub mod plugin;
 pub mod recipe;
 pub mod train;
 

@@ -22,6 +22,7 @@ use rand::SeedableRng;
 
 use super::hf;
 use super::load::{LoadedModel, ModelSpec, Pooling, TaskSpec};
+use super::hooks::ForwardContext;
 use super::{Mode, Model, TaskKind};
 use crate::ops::{self, Linear};
 use crate::params::ParamStore;
@@ -43,6 +44,8 @@ pub struct BertForSequenceClassification {
     num_labels: usize,
     store: ParamStore,
     rng: Mutex<StdRng>,
+    ctx: std::sync::Arc<ForwardContext>,
+    checkpoint_prefix: String,
 }
 
 impl BertForSequenceClassification {
@@ -98,6 +101,11 @@ impl BertForSequenceClassification {
         if num_labels == 0 {
             return Err(Error::config("num_labels must be at least 1"));
         }
+        let checkpoint_prefix = ["bert.", "roberta."]
+            .into_iter()
+            .find(|p| tensors.keys().any(|k| k.starts_with(p)))
+            .unwrap_or("")
+            .to_string();
         let mut tensors: HashMap<String, Tensor> = tensors
             .into_iter()
             .filter_map(|(name, t)| canonical_name(&name).map(|n| (n, t)))
@@ -146,7 +154,7 @@ impl BertForSequenceClassification {
             store.insert("classifier.weight", w),
             Some(store.insert("classifier.bias", b)),
         );
-        Self::assemble(
+        let mut model = Self::assemble(
             config.clone(),
             embeddings,
             layers,
@@ -155,7 +163,9 @@ impl BertForSequenceClassification {
             pooling,
             num_labels,
             rng,
-        )
+        )?;
+        model.checkpoint_prefix = checkpoint_prefix;
+        Ok(model)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -180,6 +190,8 @@ impl BertForSequenceClassification {
             num_labels,
             store,
             rng: Mutex::new(rng),
+            ctx: Default::default(),
+            checkpoint_prefix: String::new(),
         })
     }
 
@@ -341,28 +353,53 @@ impl Model for BertForSequenceClassification {
     }
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.ctx.set_mode(mode);
         let hidden = self.encode(input_ids, attention_mask, mode)?;
         let pooled = self.pool(&hidden, attention_mask)?;
         let pooled = self.dropout(&pooled, self.config.hidden_dropout_prob, mode)?;
         Ok(self.classifier.forward(&pooled)?)
     }
 
-    fn linear_module_names(&self) -> Vec<String> {
-        let mut names = Vec::with_capacity(self.layers.len() * 6 + 1);
+    fn linears(&self) -> Vec<&Linear> {
+        let mut all = Vec::with_capacity(self.layers.len() * 6 + 1);
         for l in &self.layers {
-            for linear in [
+            all.extend([
                 &l.query,
                 &l.key,
                 &l.value,
                 &l.attn_out,
                 &l.intermediate,
                 &l.output,
-            ] {
-                names.push(linear.name.clone());
-            }
+            ]);
         }
-        names.push(self.classifier.name.clone());
-        names
+        all.push(&self.classifier);
+        all
+    }
+
+    fn forward_context(&self) -> std::sync::Arc<ForwardContext> {
+        self.ctx.clone()
+    }
+
+    fn model_info(&self) -> whetstone_sdk::ModelInfo {
+        let c = &self.config;
+        whetstone_sdk::ModelInfo {
+            architecture: self.architecture().to_string(),
+            task: "sequence-classification".into(),
+            hidden_size: c.hidden_size,
+            num_layers: self.layers.len(),
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_attention_heads,
+            head_dim: c.hidden_size / c.num_attention_heads.max(1),
+            vocab_size: c.vocab_size,
+        }
+    }
+
+    fn checkpoint_name(&self, name: &str) -> String {
+        if name.starts_with("classifier") {
+            name.to_string()
+        } else {
+            format!("{}{name}", self.checkpoint_prefix)
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use super::generate::{CausalLm, KvCache};
 use super::load::LoadedModel;
+use super::hooks::ForwardContext;
 use super::{gguf, hf, tokenizer, Mode, Model, TaskKind};
 use crate::ops::{self, Linear, RotaryEmbedding};
 use crate::params::{Param, ParamStore};
@@ -180,6 +181,7 @@ pub struct Llama {
     lm_head: Linear,
     rotary: RotaryEmbedding,
     max_positions: usize,
+    ctx: Arc<ForwardContext>,
 }
 
 /// Takes the named tensors out of a weight map in the order the model's parameters are listed,
@@ -334,6 +336,7 @@ impl Llama {
             lm_head,
             rotary,
             max_positions,
+            ctx: Arc::default(),
         })
     }
 
@@ -511,18 +514,34 @@ impl Model for Llama {
         &self.params
     }
 
-    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, _mode: Mode) -> Result<Tensor> {
-        // Llama has no dropout: training and evaluation compute the same function.
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+        // Llama itself has no dropout; the mode matters to PEFT hooks (LoRA dropout).
+        self.ctx.set_mode(mode);
         self.run(input_ids, Some(attention_mask), None)
     }
 
     /// The linear modules of every decoder layer (as PEFT's `all-linear`, the output head is
     /// left out).
-    fn linear_module_names(&self) -> Vec<String> {
-        self.layers
-            .iter()
-            .flat_map(|l| l.linears().map(|lin| lin.name.clone()))
-            .collect()
+    fn linears(&self) -> Vec<&Linear> {
+        self.layers.iter().flat_map(|l| l.linears()).collect()
+    }
+
+    fn forward_context(&self) -> Arc<ForwardContext> {
+        self.ctx.clone()
+    }
+
+    fn model_info(&self) -> whetstone_sdk::ModelInfo {
+        let c = &self.config;
+        whetstone_sdk::ModelInfo {
+            architecture: self.architecture().to_string(),
+            task: "causal-lm".into(),
+            hidden_size: c.hidden_size,
+            num_layers: self.layers.len(),
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads,
+            head_dim: c.head_dim(),
+            vocab_size: c.vocab_size,
+        }
     }
 
     fn as_causal_lm(&self) -> Option<&dyn CausalLm> {
@@ -539,6 +558,7 @@ impl CausalLm for Llama {
                 self.max_positions
             )));
         }
+        self.ctx.set_mode(Mode::Eval);
         self.run(input_ids, None, Some(cache))
     }
 

@@ -5,13 +5,16 @@ pub mod bert;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
+pub mod hooks;
 pub mod llama;
 pub mod load;
 pub mod tokenizer;
 
 use candle_core::Tensor;
 
+use crate::ops::Linear;
 use crate::params::ParamStore;
+use hooks::ForwardContext;
 use crate::Result;
 
 /// What a model's forward produces and how its loss is computed.
@@ -63,8 +66,28 @@ pub trait Model: Send + Sync {
     /// Logits for a batch (see [`TaskKind`] for the shape).
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor>;
 
+    /// The linear modules a PEFT method may wrap (every projection of every block, and a
+    /// classification head; a language-model head is left out, as PEFT's `all-linear` does).
+    fn linears(&self) -> Vec<&Linear>;
+
     /// The names of the linear modules (candidates for PEFT's `target_modules`).
-    fn linear_module_names(&self) -> Vec<String>;
+    fn linear_module_names(&self) -> Vec<String> {
+        self.linears().iter().map(|l| l.name.clone()).collect()
+    }
+
+    /// The state PEFT hooks read during a forward (mode, step, seeded generator). A model's
+    /// forward sets its mode.
+    fn forward_context(&self) -> std::sync::Arc<ForwardContext>;
+
+    /// The model's shape, as plugins see it.
+    fn model_info(&self) -> whetstone_sdk::ModelInfo;
+
+    /// A module or parameter name as the original checkpoint spells it (the encoder of a
+    /// `BertForSequenceClassification` checkpoint sits under `bert.`, its head does not). PEFT
+    /// adapter keys use these names.
+    fn checkpoint_name(&self, name: &str) -> String {
+        name.to_string()
+    }
 
     /// The incremental (KV-cached) decoding interface, for models that generate text.
     fn as_causal_lm(&self) -> Option<&dyn generate::CausalLm> {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
+use crate::model::hooks::{HookSlot, LinearHook};
 use crate::params::Param;
 
 /// `x · Wᵀ` for a frozen `W` `[out, in]`; `x` is 2-D `[rows, in]` and contiguous.
@@ -101,6 +102,7 @@ pub struct Linear {
     pub name: String,
     weight: Arc<Param>,
     bias: Option<Arc<Param>>,
+    hook: HookSlot,
 }
 
 impl Linear {
@@ -110,6 +112,31 @@ impl Linear {
             name: name.into(),
             weight,
             bias,
+            hook: HookSlot::default(),
+        }
+    }
+
+    /// Installs (or with `None` removes) the PEFT hook that wraps this module's output.
+    pub fn set_hook(&self, hook: Option<Arc<dyn LinearHook>>) {
+        self.hook.set(hook);
+    }
+
+    /// Whether a PEFT hook wraps this module.
+    pub fn has_hook(&self) -> bool {
+        self.hook.get().is_some()
+    }
+
+    /// The module without its hook: `x Wᵀ + b` over the base weights only.
+    pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight.tensor();
+        let y = if self.weight.is_trainable() {
+            x.broadcast_matmul(&w.t()?)?
+        } else {
+            frozen_linear(x, &w)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.tensor()),
+            None => Ok(y),
         }
     }
 
@@ -133,17 +160,15 @@ impl Linear {
         self.weight.tensor().dim(0)
     }
 
-    /// Applies the layer to `x` of shape `[..., in]`.
+    /// Applies the layer to `x` of shape `[..., in]`, through its PEFT hook when one is
+    /// installed.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.weight.tensor();
-        let y = if self.weight.is_trainable() {
-            x.broadcast_matmul(&w.t()?)?
-        } else {
-            frozen_linear(x, &w)?
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.tensor()),
-            None => Ok(y),
+        let base = self.forward_base(x)?;
+        match self.hook.get() {
+            None => Ok(base),
+            Some(hook) => hook
+                .forward(x, &base)
+                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.name))),
         }
     }
 }

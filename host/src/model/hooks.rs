@@ -1,0 +1,106 @@
+//! Where PEFT methods attach to a model: a hook slot on every [`crate::ops::Linear`], and the
+//! forward context (mode, step, seeded generator) that hooks read.
+//!
+//! The model code stays unaware of methods: a linear layer computes its frozen output and, when
+//! a [`LinearHook`] is installed, hands it `(x, base_out)` and returns what the hook returns.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::Mode;
+use crate::Result;
+
+/// Wraps one linear module: gets its input and frozen output, returns the module's output.
+pub trait LinearHook: Send + Sync + std::fmt::Debug {
+    /// The module's output for input `x` `[..., in]` and base output `base_out` `[..., out]`.
+    fn forward(&self, x: &Tensor, base_out: &Tensor) -> Result<Tensor>;
+}
+
+/// A shared, swappable hook slot (clones of a [`crate::ops::Linear`] share it).
+#[derive(Debug, Default, Clone)]
+pub struct HookSlot(Arc<RwLock<Option<Arc<dyn LinearHook>>>>);
+
+impl HookSlot {
+    /// Installs `hook`, replacing any previous one; `None` removes it.
+    pub fn set(&self, hook: Option<Arc<dyn LinearHook>>) {
+        match self.0.write() {
+            Ok(mut guard) => *guard = hook,
+            Err(poisoned) => *poisoned.into_inner() = hook,
+        }
+    }
+
+    /// The installed hook.
+    pub fn get(&self) -> Option<Arc<dyn LinearHook>> {
+        match self.0.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// The state hooks see during a forward: training or evaluation, the optimizer step, and a
+/// generator seeded per step (so dropout masks repeat across runs and resumes).
+#[derive(Debug)]
+pub struct ForwardContext {
+    mode: AtomicU8,
+    step: AtomicU64,
+    rng: Mutex<StdRng>,
+}
+
+impl Default for ForwardContext {
+    fn default() -> Self {
+        Self {
+            mode: AtomicU8::new(1),
+            step: AtomicU64::new(0),
+            rng: Mutex::new(StdRng::seed_from_u64(0)),
+        }
+    }
+}
+
+impl ForwardContext {
+    /// Sets the mode of the forward about to run.
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(
+            match mode {
+                Mode::Train => 0,
+                Mode::Eval => 1,
+            },
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        if self.mode.load(Ordering::Relaxed) == 0 {
+            Mode::Train
+        } else {
+            Mode::Eval
+        }
+    }
+
+    /// Sets the optimizer step being computed.
+    pub fn set_step(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
+    }
+
+    /// The optimizer step being computed.
+    pub fn step(&self) -> u64 {
+        self.step.load(Ordering::Relaxed)
+    }
+
+    /// Reseeds the generator.
+    pub fn reseed(&self, seed: u64) {
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        *rng = StdRng::seed_from_u64(seed);
+    }
+
+    /// Runs `f` with the generator.
+    pub fn with_rng<T>(&self, f: impl FnOnce(&mut StdRng) -> T) -> T {
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut rng)
+    }
+}

@@ -1,0 +1,239 @@
+//! Attaching a PEFT method plugin to a model: the plugin sees the model's shape, picks linear
+//! modules and creates its parameters through the host; the host installs a hook on each picked
+//! module that calls the plugin's `forward-linear`, and trains the parameters it created (plus
+//! the base parameters it names, such as a classification head in PEFT's `modules_to_save`).
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use whetstone_sdk::{Event, LinearInfo, PluginKind};
+
+use super::session::Session;
+use super::Plugin;
+use crate::model::hooks::LinearHook;
+use crate::model::Model;
+use crate::params::Param;
+use crate::{Error, Result};
+
+/// A method plugin attached to a model under an adapter name.
+pub struct MethodAdapter {
+    /// The adapter's name (`default` unless several are loaded).
+    pub name: String,
+    /// The plugin providing the method.
+    pub plugin: Plugin,
+    /// The method's configuration (PEFT's JSON fields).
+    pub config: serde_json::Value,
+    instance: u32,
+    session: Arc<Session>,
+    wrapped: Vec<String>,
+    base_trainable: Vec<Arc<Param>>,
+}
+
+impl std::fmt::Debug for MethodAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MethodAdapter")
+            .field("name", &self.name)
+            .field("plugin", &self.plugin.id())
+            .field("wrapped", &self.wrapped.len())
+            .finish()
+    }
+}
+
+/// The block index in a module name: the first all-digit component
+/// (`model.layers.3.self_attn.q_proj` → 3).
+pub fn layer_index(name: &str) -> Option<usize> {
+    name.split('.').find_map(|part| part.parse().ok())
+}
+
+fn model_device(model: &dyn Model) -> Device {
+    model
+        .params()
+        .iter()
+        .next()
+        .map(|p| p.tensor().device().clone())
+        .unwrap_or(Device::Cpu)
+}
+
+/// The hook on one wrapped module.
+struct PluginLinear {
+    adapter: Arc<MethodAdapter>,
+    module: String,
+}
+
+impl std::fmt::Debug for PluginLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PluginLinear({} on {})", self.adapter.plugin.id(), self.module)
+    }
+}
+
+impl LinearHook for PluginLinear {
+    fn forward(&self, x: &Tensor, base_out: &Tensor) -> Result<Tensor> {
+        let a = &self.adapter;
+        a.enter();
+        a.plugin
+            .transport
+            .forward_linear(a.instance, &self.module, x, base_out)
+    }
+}
+
+impl MethodAdapter {
+    /// Attaches `plugin`'s method, configured by `config`, to `model` under `name` and installs
+    /// its hooks. Parameters are initialised from the model's forward-context generator reseeded
+    /// with `seed`, so the same seed gives the same adapter.
+    pub fn attach(
+        model: &dyn Model,
+        plugin: Plugin,
+        name: &str,
+        config: serde_json::Value,
+        seed: u64,
+    ) -> Result<Arc<MethodAdapter>> {
+        if !plugin.provides(PluginKind::Method) {
+            return Err(Error::plugin(
+                plugin.id(),
+                "attach",
+                format!("provides {:?}, not a PEFT method", plugin.metadata.kinds),
+            ));
+        }
+        let ctx = model.forward_context();
+        ctx.reseed(seed);
+        let session = Arc::new(Session::new(
+            model_device(model),
+            model.params().clone(),
+            ctx,
+        ));
+        let t = plugin.transport.clone();
+        t.set_session(Some(session.clone()));
+        let config_text = config.to_string();
+        let instance = t.create_method(&config_text)?;
+        t.init_model(instance, &model.model_info())?;
+        let mut wrapped = Vec::new();
+        for linear in model.linears() {
+            let info = LinearInfo {
+                name: linear.name.clone(),
+                in_features: linear.in_features()?,
+                out_features: linear.out_features()?,
+                has_bias: linear.bias().is_some(),
+                layer_index: layer_index(&linear.name),
+            };
+            if t.select_linear(instance, &info)? {
+                t.init_linear(instance, &info)?;
+                wrapped.push(info.name);
+            }
+        }
+        let names: Vec<String> = model.params().iter().map(|p| p.name().to_string()).collect();
+        let chosen = t.trainable_base_params(instance, &names)?;
+        let base_trainable = chosen
+            .iter()
+            .map(|n| {
+                model.params().get(n).map_err(|_| {
+                    Error::plugin(
+                        plugin.id(),
+                        "trainable-base-params",
+                        format!("named `{n}`, which is not a parameter of the model"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if wrapped.is_empty() && base_trainable.is_empty() && session.with_params(|p| p.is_empty())
+        {
+            return Err(Error::config(format!(
+                "method `{}` selected no module of the {} model and trains nothing; check \
+                 target_modules against `whet inspect MODEL` (linear modules: {})",
+                plugin.id(),
+                model.architecture(),
+                model
+                    .linear_module_names()
+                    .iter()
+                    .take(8)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let adapter = Arc::new(MethodAdapter {
+            name: name.to_string(),
+            plugin,
+            config,
+            instance,
+            session,
+            wrapped,
+            base_trainable,
+        });
+        adapter.activate(model)?;
+        Ok(adapter)
+    }
+
+    /// Points the plugin's calls at this adapter's session (one plugin may serve several).
+    fn enter(&self) {
+        self.plugin.transport.set_session(Some(self.session.clone()));
+    }
+
+    /// Installs this adapter's hooks on `model` (replacing another adapter's) and makes its
+    /// base parameters trainable.
+    pub fn activate(self: &Arc<Self>, model: &dyn Model) -> Result<()> {
+        for linear in model.linears() {
+            let hook: Option<Arc<dyn LinearHook>> =
+                if self.wrapped.iter().any(|w| *w == linear.name) {
+                    Some(Arc::new(PluginLinear {
+                        adapter: self.clone(),
+                        module: linear.name.clone(),
+                    }))
+                } else {
+                    None
+                };
+            linear.set_hook(hook);
+        }
+        for p in &self.base_trainable {
+            p.set_trainable(true)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every hook from `model` (the base model alone computes).
+    pub fn deactivate(model: &dyn Model) {
+        for linear in model.linears() {
+            linear.set_hook(None);
+        }
+    }
+
+    /// The modules this adapter wraps.
+    pub fn wrapped_modules(&self) -> &[String] {
+        &self.wrapped
+    }
+
+    /// The parameters the plugin created, in creation order (names are PEFT keys without
+    /// `base_model.model.`).
+    pub fn params(&self) -> Vec<Arc<Param>> {
+        self.session.with_params(|p| p.iter().cloned().collect())
+    }
+
+    /// The base parameters the method trains (e.g. `modules_to_save`, `bias = "all"`).
+    pub fn base_params(&self) -> &[Arc<Param>] {
+        &self.base_trainable
+    }
+
+    /// Everything the optimizer updates: the plugin's parameters and the trained base ones.
+    pub fn trainable(&self) -> Vec<Arc<Param>> {
+        let mut all = self.params();
+        all.extend(self.base_trainable.iter().cloned());
+        all
+    }
+
+    /// `ΔW` `[out, in]` of a wrapped module, when the method can be merged.
+    pub fn delta_weight(&self, module: &str) -> Result<Option<Tensor>> {
+        self.enter();
+        self.plugin.transport.delta_weight(self.instance, module)
+    }
+
+    /// The method's extra loss term for the current step.
+    pub fn loss_term(&self) -> Result<Option<Tensor>> {
+        self.enter();
+        self.plugin.transport.loss_term(self.instance)
+    }
+
+    /// Notifies the method of a lifecycle event.
+    pub fn on_event(&self, event: &Event) -> Result<()> {
+        self.enter();
+        self.plugin.transport.on_event(self.instance, event)
+    }
+}

@@ -1,0 +1,159 @@
+//! Plugins: PEFT methods, losses and data loaders loaded as native libraries or WebAssembly
+//! components (DESIGN.md principles 1-3, 6).
+//!
+//! - [`manifest`]: `plugin.toml` beside each build;
+//! - [`discover`]: finding plugins by id (`--plugin PATH`, a recipe's `plugins`, the plugin
+//!   directory);
+//! - [`session`]: the handle table and the model a plugin's calls act on;
+//! - [`ops`]: the tensor operations plugins ask for;
+//! - [`transport`], [`native`], [`wasm`]: the two ways of calling a plugin;
+//! - [`method`]: attaching a PEFT method plugin to a model.
+
+pub mod discover;
+pub mod manifest;
+pub mod method;
+pub mod native;
+pub mod ops;
+pub mod session;
+pub mod transport;
+pub mod wasm;
+
+use std::sync::Arc;
+
+use whetstone_sdk::{ContractVersion, Metadata, PluginKind, CONTRACT_VERSION};
+
+pub use manifest::Manifest;
+pub use transport::Transport;
+
+use crate::{Error, Result};
+
+/// The contract versions this host accepts: major 0, minor up to the SDK's.
+pub const HOST_CONTRACT: ContractVersion = CONTRACT_VERSION;
+
+/// Which build of a plugin to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// The native library when there is one, else the WebAssembly component.
+    #[default]
+    Auto,
+    /// The native library.
+    Native,
+    /// The WebAssembly component.
+    Wasm,
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(TransportKind::Auto),
+            "native" => Ok(TransportKind::Native),
+            "wasm" => Ok(TransportKind::Wasm),
+            other => Err(Error::config(format!(
+                "unknown plugin transport `{other}`: use auto, native or wasm"
+            ))),
+        }
+    }
+}
+
+/// A loaded plugin: its manifest, what it reported about itself, and its transport.
+#[derive(Clone)]
+pub struct Plugin {
+    /// The manifest it was loaded from.
+    pub manifest: Manifest,
+    /// The plugin's own metadata.
+    pub metadata: Metadata,
+    /// Which build is loaded (`native` or `wasm`).
+    pub transport_kind: TransportKind,
+    /// Calls into it.
+    pub transport: Arc<dyn Transport>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("id", &self.manifest.id)
+            .field("transport", &self.transport_kind)
+            .finish()
+    }
+}
+
+/// Checks a plugin's contract version against [`HOST_CONTRACT`].
+pub fn check_contract(id: &str, contract: &str) -> Result<()> {
+    let version = ContractVersion::parse(contract).ok_or_else(|| {
+        Error::plugin(id, "load", format!("unreadable contract version `{contract}`"))
+    })?;
+    if !version.is_compatible_with(HOST_CONTRACT) {
+        return Err(Error::plugin(
+            id,
+            "load",
+            format!(
+                "the plugin speaks contract {version}, this host accepts {}.0 to {HOST_CONTRACT}; \
+                 rebuild the plugin against a matching whetstone-sdk",
+                HOST_CONTRACT.major
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Plugin {
+    /// Loads the build of `manifest` that `kind` asks for and checks its contract version.
+    pub fn load(manifest: &Manifest, kind: TransportKind) -> Result<Plugin> {
+        let id = manifest.id.as_str();
+        check_contract(id, &manifest.contract)?;
+        let a = &manifest.artifacts;
+        let (kind, transport): (TransportKind, Arc<dyn Transport>) = match (kind, &a.native, &a.wasm) {
+            (TransportKind::Native | TransportKind::Auto, Some(lib), _) => (
+                TransportKind::Native,
+                native::NativePlugin::load(id, &manifest.artifact(lib))?,
+            ),
+            (TransportKind::Wasm | TransportKind::Auto, _, Some(wasm)) => (
+                TransportKind::Wasm,
+                Arc::new(wasm::WasmPlugin::load(id, &manifest.artifact(wasm), manifest.limits)?),
+            ),
+            (want, _, _) => {
+                return Err(Error::plugin(
+                    id,
+                    "load",
+                    format!(
+                        "{} has no {want:?} build; run `whet plugin build` with --native or --wasm",
+                        manifest.dir.display()
+                    ),
+                ))
+            }
+        };
+        let json = transport.metadata_json()?;
+        let metadata: Metadata = serde_json::from_str(&json)
+            .map_err(|e| Error::plugin(id, "metadata", format!("unreadable metadata {json}: {e}")))?;
+        check_contract(id, &metadata.contract)?;
+        Ok(Plugin {
+            manifest: manifest.clone(),
+            metadata,
+            transport_kind: kind,
+            transport,
+        })
+    }
+
+    /// The plugin's id.
+    pub fn id(&self) -> &str {
+        &self.manifest.id
+    }
+
+    /// Whether it provides `kind`.
+    pub fn provides(&self, kind: PluginKind) -> bool {
+        self.metadata.kinds.contains(&kind)
+    }
+}
+
+/// Forwards a plugin's log line to `tracing`.
+pub(crate) fn log_from_plugin(level: u32, message: &str) {
+    match level {
+        0 => tracing::error!(target: "plugin", "{message}"),
+        1 => tracing::warn!(target: "plugin", "{message}"),
+        2 => tracing::info!(target: "plugin", "{message}"),
+        3 => tracing::debug!(target: "plugin", "{message}"),
+        _ => tracing::trace!(target: "plugin", "{message}"),
+    }
+}
