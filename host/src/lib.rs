@@ -15,6 +15,7 @@
 //! - [`plugin`]: PEFT methods, losses and data loaders as native or WebAssembly plugins;
 //! - [`bench`]: measured figures (step time, tokens/s, peak RSS).
 
+pub mod adapter;
 pub mod assets;
 pub mod bench;
 pub mod data;

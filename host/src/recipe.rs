@@ -51,6 +51,10 @@ pub struct Recipe {
     /// Which parameters train. Defaults to full fine-tuning.
     #[serde(default)]
     pub method: MethodSpec,
+    /// Plugin manifests to search before the plugin directory (`plugin.toml` files or
+    /// directories holding one; relative paths are relative to the working directory).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<std::path::PathBuf>,
     /// Optimizer, schedule, batching and run-length settings.
     #[serde(default)]
     pub training: TrainingConfig,
@@ -61,9 +65,15 @@ pub struct Recipe {
 /// The `[method]` section: how the model is fine-tuned.
 ///
 /// `kind = "full"` trains every parameter; `kind = "partial"` trains only the parameters whose
-/// names match `trainable`. (PEFT method plugins will add further kinds.)
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+/// names match `trainable`. Any other `kind` names a PEFT method plugin (`kind = "lora"`); the
+/// section's other fields are the plugin's configuration with Hugging Face PEFT's names
+/// (`r`, `lora_alpha`, `target_modules`, ...), except `transport` (`auto`, `native` or `wasm`:
+/// which build of the plugin to load).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(
+    try_from = "serde_json::Map<String, serde_json::Value>",
+    into = "serde_json::Map<String, serde_json::Value>"
+)]
 pub enum MethodSpec {
     /// Full fine-tuning: every parameter of the model trains.
     #[default]
@@ -76,6 +86,98 @@ pub enum MethodSpec {
         /// `whet inspect MODEL` lists the names.
         trainable: Vec<String>,
     },
+    /// A PEFT method plugin.
+    Plugin {
+        /// The plugin's id (`lora`).
+        id: String,
+        /// Which build to load.
+        transport: crate::plugin::TransportKind,
+        /// The method's configuration (PEFT's JSON fields).
+        config: serde_json::Map<String, serde_json::Value>,
+    },
+}
+
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for MethodSpec {
+    type Error = String;
+
+    fn try_from(
+        mut map: serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<Self, String> {
+        let kind = match map.remove("kind") {
+            None => "full".to_string(),
+            Some(serde_json::Value::String(k)) => k,
+            Some(other) => return Err(format!("method.kind must be a string, not {other}")),
+        };
+        let no_extra = |map: &serde_json::Map<String, serde_json::Value>, kind: &str| match map
+            .keys()
+            .next()
+        {
+            Some(k) => Err(format!("unknown field `{k}` for method kind \"{kind}\"")),
+            None => Ok(()),
+        };
+        match kind.as_str() {
+            "full" => {
+                no_extra(&map, "full")?;
+                Ok(MethodSpec::Full)
+            }
+            "partial" => {
+                let trainable = map.remove("trainable").ok_or(
+                    "method kind \"partial\" needs `trainable` (a list of parameter patterns)",
+                )?;
+                let trainable: Vec<String> = serde_json::from_value(trainable)
+                    .map_err(|e| format!("method.trainable: {e}"))?;
+                no_extra(&map, "partial")?;
+                Ok(MethodSpec::Partial { trainable })
+            }
+            id => {
+                let transport = match map.remove("transport") {
+                    None => crate::plugin::TransportKind::Auto,
+                    Some(serde_json::Value::String(t)) => {
+                        t.parse().map_err(|e: Error| e.to_string())?
+                    }
+                    Some(other) => {
+                        return Err(format!("method.transport must be a string, not {other}"))
+                    }
+                };
+                Ok(MethodSpec::Plugin {
+                    id: id.to_string(),
+                    transport,
+                    config: map,
+                })
+            }
+        }
+    }
+}
+
+impl From<MethodSpec> for serde_json::Map<String, serde_json::Value> {
+    fn from(m: MethodSpec) -> Self {
+        use serde_json::Value;
+        let mut map = serde_json::Map::new();
+        match m {
+            MethodSpec::Full => {
+                map.insert("kind".into(), Value::from("full"));
+            }
+            MethodSpec::Partial { trainable } => {
+                map.insert("kind".into(), Value::from("partial"));
+                map.insert("trainable".into(), Value::from(trainable));
+            }
+            MethodSpec::Plugin {
+                id,
+                transport,
+                config,
+            } => {
+                map.insert("kind".into(), Value::from(id));
+                if transport != crate::plugin::TransportKind::Auto {
+                    map.insert(
+                        "transport".into(),
+                        serde_json::to_value(transport).unwrap_or(Value::Null),
+                    );
+                }
+                map.extend(config);
+            }
+        }
+        map
+    }
 }
 
 /// The `[training]` section: hyper-parameters of the optimizer, the schedule and the loop.

@@ -119,8 +119,14 @@ impl Model for Tiny {
             logits
         })
     }
-    fn linear_module_names(&self) -> Vec<String> {
-        vec!["classifier".into()]
+    fn linears(&self) -> Vec<&whetstone_host::ops::Linear> {
+        Vec::new()
+    }
+    fn forward_context(&self) -> Arc<whetstone_host::model::hooks::ForwardContext> {
+        Arc::default()
+    }
+    fn model_info(&self) -> whetstone_sdk::ModelInfo {
+        whetstone_sdk::ModelInfo::default()
     }
 }
 
@@ -453,6 +459,7 @@ fn fit_tiny(
         train: &train,
         validation: &validation,
         pad_id: 0,
+        method: None,
     };
     let output = OutputConfig {
         plot: true,

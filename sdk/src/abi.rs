@@ -287,8 +287,11 @@ pub struct WsPluginVtable {
         value: *mut u64,
     ) -> WsStatus,
     /// `trainable-base-params`: names in and out as JSON arrays of strings.
-    pub trainable_base_params:
-        unsafe extern "C-unwind" fn(instance: u32, names_json: WsStr, out_json: *mut WsStr) -> WsStatus,
+    pub trainable_base_params: unsafe extern "C-unwind" fn(
+        instance: u32,
+        names_json: WsStr,
+        out_json: *mut WsStr,
+    ) -> WsStatus,
     /// `loss-term`.
     pub loss_term:
         unsafe extern "C-unwind" fn(instance: u32, present: *mut u32, out: *mut u64) -> WsStatus,
@@ -309,11 +312,8 @@ pub struct WsPluginVtable {
     /// `create-loader`.
     pub create_loader: unsafe extern "C-unwind" fn(config: WsStr, out: *mut u32) -> WsStatus,
     /// `next-record`: `*present` 0 at the end of the data; `*out` is plugin-owned JSON.
-    pub next_record: unsafe extern "C-unwind" fn(
-        instance: u32,
-        present: *mut u32,
-        out: *mut WsStr,
-    ) -> WsStatus,
+    pub next_record:
+        unsafe extern "C-unwind" fn(instance: u32, present: *mut u32, out: *mut WsStr) -> WsStatus,
 }
 
 /// The type of [`ENTRY_SYMBOL`]: takes the host's table (valid for the life of the process) and

@@ -11,7 +11,9 @@ use crate::{Result, Tensor};
 /// Creates a trainable parameter saved under the PEFT key `<module>.<name>` (just `<name>` when
 /// `module` is empty) and returns its current value.
 pub fn add_param(module: &str, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
-    Ok(Tensor::from_handle(sys::add_param(module, name, shape, init)?))
+    Ok(Tensor::from_handle(sys::add_param(
+        module, name, shape, init,
+    )?))
 }
 
 /// The current value of a parameter this plugin created with [`add_param`].
@@ -88,5 +90,7 @@ impl DataFile {
 
 /// The data files the user named, in order.
 pub fn data_files() -> Vec<DataFile> {
-    (0..sys::file_count()).map(|index| DataFile { index }).collect()
+    (0..sys::file_count())
+        .map(|index| DataFile { index })
+        .collect()
 }

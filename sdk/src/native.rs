@@ -156,14 +156,8 @@ pub(crate) mod host {
         let api = api()?;
         let mut out = 0u64;
         // SAFETY: strings valid for the call; `out` writable.
-        let status = unsafe {
-            (api.param)(
-                api.ctx,
-                WsStr::new(module),
-                WsStr::new(name),
-                &mut out,
-            )
-        };
+        let status =
+            unsafe { (api.param)(api.ctx, WsStr::new(module), WsStr::new(name), &mut out) };
         check(api, status).map(|_| out)
     }
 
@@ -197,7 +191,9 @@ pub(crate) mod host {
 
     pub(crate) fn file_count() -> u32 {
         // SAFETY: plain value call.
-        api().map(|api| unsafe { (api.file_count)(api.ctx) }).unwrap_or(0)
+        api()
+            .map(|api| unsafe { (api.file_count)(api.ctx) })
+            .unwrap_or(0)
     }
 
     pub(crate) fn file_name(index: u32) -> Result<String> {
@@ -272,12 +268,7 @@ fn linear_info(info: &WsLinearInfo) -> LinearInfo {
 ///
 /// # Safety
 /// The pointers must be writable.
-unsafe fn put_pair(
-    pair: Option<(Tensor, Tensor)>,
-    present: *mut u32,
-    a: *mut u64,
-    b: *mut u64,
-) {
+unsafe fn put_pair(pair: Option<(Tensor, Tensor)>, present: *mut u32, a: *mut u64, b: *mut u64) {
     // SAFETY: the caller passes writable pointers.
     unsafe {
         match pair {

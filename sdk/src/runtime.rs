@@ -259,7 +259,9 @@ pub fn forward_embeddings(
     embeddings: Tensor,
     mask: Tensor,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    with_method(instance, |s| s.method.forward_embeddings(&embeddings, &mask))
+    with_method(instance, |s| {
+        s.method.forward_embeddings(&embeddings, &mask)
+    })
 }
 
 /// The `attention-prefix` export.

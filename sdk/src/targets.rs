@@ -220,8 +220,12 @@ mod tests {
             exclude_modules: Some(list(&["down_proj"])),
             ..Default::default()
         };
-        assert!(spec.matches(&info("model.layers.0.mlp.up_proj"), None).unwrap());
-        assert!(!spec.matches(&info("model.layers.0.mlp.down_proj"), None).unwrap());
+        assert!(spec
+            .matches(&info("model.layers.0.mlp.up_proj"), None)
+            .unwrap());
+        assert!(!spec
+            .matches(&info("model.layers.0.mlp.down_proj"), None)
+            .unwrap());
         assert!(!spec.matches(&info("lm_head"), None).unwrap());
         assert!(!spec.matches(&info("classifier"), None).unwrap());
     }

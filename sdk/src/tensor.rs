@@ -61,7 +61,9 @@ impl Tensor {
     /// Any op, with its raw argument encoding (see [`Op`]).
     pub fn op(op: Op, inputs: &[&Tensor], ints: &[i64], floats: &[f64]) -> Result<Tensor> {
         let handles: Vec<u64> = inputs.iter().map(|t| t.handle).collect();
-        Ok(Tensor::from_handle(sys::tensor_op(op, &handles, ints, floats)?))
+        Ok(Tensor::from_handle(sys::tensor_op(
+            op, &handles, ints, floats,
+        )?))
     }
 
     fn unary(&self, op: Op) -> Result<Tensor> {

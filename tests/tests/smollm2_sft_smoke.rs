@@ -62,6 +62,7 @@ fn partial_fine_tune_of_smollm2_lowers_held_out_perplexity() -> anyhow::Result<(
             train: &prepared.train,
             validation: &prepared.validation,
             pad_id: pad,
+            method: None,
         },
         &training,
         &output,

@@ -21,8 +21,8 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::hf;
-use super::load::{LoadedModel, ModelSpec, Pooling, TaskSpec};
 use super::hooks::ForwardContext;
+use super::load::{LoadedModel, ModelSpec, Pooling, TaskSpec};
 use super::{Mode, Model, TaskKind};
 use crate::ops::{self, Linear};
 use crate::params::ParamStore;

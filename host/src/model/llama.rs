@@ -19,8 +19,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::generate::{CausalLm, KvCache};
-use super::load::LoadedModel;
 use super::hooks::ForwardContext;
+use super::load::LoadedModel;
 use super::{gguf, hf, tokenizer, Mode, Model, TaskKind};
 use crate::ops::{self, Linear, RotaryEmbedding};
 use crate::params::{Param, ParamStore};

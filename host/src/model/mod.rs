@@ -14,8 +14,8 @@ use candle_core::Tensor;
 
 use crate::ops::Linear;
 use crate::params::ParamStore;
-use hooks::ForwardContext;
 use crate::Result;
+use hooks::ForwardContext;
 
 /// What a model's forward produces and how its loss is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -158,7 +158,10 @@ mod tests {
         m.write(dir.path()).unwrap();
         let back = Manifest::read(dir.path()).unwrap();
         assert_eq!(back.id, "lora");
-        assert_eq!(back.artifact(Path::new("liblora.so")), dir.path().join("liblora.so"));
+        assert_eq!(
+            back.artifact(Path::new("liblora.so")),
+            dir.path().join("liblora.so")
+        );
         std::fs::write(
             dir.path().join(MANIFEST_FILE),
             "id='x'\nversion='1'\nkinds=['method']\nsdk_version='0.1.0'\ncontract='0.1'\n[artifacts]\n",

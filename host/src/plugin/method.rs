@@ -62,7 +62,12 @@ struct PluginLinear {
 
 impl std::fmt::Debug for PluginLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PluginLinear({} on {})", self.adapter.plugin.id(), self.module)
+        write!(
+            f,
+            "PluginLinear({} on {})",
+            self.adapter.plugin.id(),
+            self.module
+        )
     }
 }
 
@@ -120,7 +125,11 @@ impl MethodAdapter {
                 wrapped.push(info.name);
             }
         }
-        let names: Vec<String> = model.params().iter().map(|p| p.name().to_string()).collect();
+        let names: Vec<String> = model
+            .params()
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect();
         let chosen = t.trainable_base_params(instance, &names)?;
         let base_trainable = chosen
             .iter()
@@ -165,7 +174,9 @@ impl MethodAdapter {
 
     /// Points the plugin's calls at this adapter's session (one plugin may serve several).
     fn enter(&self) {
-        self.plugin.transport.set_session(Some(self.session.clone()));
+        self.plugin
+            .transport
+            .set_session(Some(self.session.clone()));
     }
 
     /// Installs this adapter's hooks on `model` (replacing another adapter's) and makes its

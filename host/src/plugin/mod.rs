@@ -82,7 +82,11 @@ impl std::fmt::Debug for Plugin {
 /// Checks a plugin's contract version against [`HOST_CONTRACT`].
 pub fn check_contract(id: &str, contract: &str) -> Result<()> {
     let version = ContractVersion::parse(contract).ok_or_else(|| {
-        Error::plugin(id, "load", format!("unreadable contract version `{contract}`"))
+        Error::plugin(
+            id,
+            "load",
+            format!("unreadable contract version `{contract}`"),
+        )
     })?;
     if !version.is_compatible_with(HOST_CONTRACT) {
         return Err(Error::plugin(
@@ -104,29 +108,35 @@ impl Plugin {
         let id = manifest.id.as_str();
         check_contract(id, &manifest.contract)?;
         let a = &manifest.artifacts;
-        let (kind, transport): (TransportKind, Arc<dyn Transport>) = match (kind, &a.native, &a.wasm) {
-            (TransportKind::Native | TransportKind::Auto, Some(lib), _) => (
-                TransportKind::Native,
-                native::NativePlugin::load(id, &manifest.artifact(lib))?,
-            ),
-            (TransportKind::Wasm | TransportKind::Auto, _, Some(wasm)) => (
-                TransportKind::Wasm,
-                Arc::new(wasm::WasmPlugin::load(id, &manifest.artifact(wasm), manifest.limits)?),
-            ),
-            (want, _, _) => {
-                return Err(Error::plugin(
-                    id,
-                    "load",
-                    format!(
+        let (kind, transport): (TransportKind, Arc<dyn Transport>) =
+            match (kind, &a.native, &a.wasm) {
+                (TransportKind::Native | TransportKind::Auto, Some(lib), _) => (
+                    TransportKind::Native,
+                    native::NativePlugin::load(id, &manifest.artifact(lib))?,
+                ),
+                (TransportKind::Wasm | TransportKind::Auto, _, Some(wasm)) => (
+                    TransportKind::Wasm,
+                    Arc::new(wasm::WasmPlugin::load(
+                        id,
+                        &manifest.artifact(wasm),
+                        manifest.limits,
+                    )?),
+                ),
+                (want, _, _) => {
+                    return Err(Error::plugin(
+                        id,
+                        "load",
+                        format!(
                         "{} has no {want:?} build; run `whet plugin build` with --native or --wasm",
                         manifest.dir.display()
                     ),
-                ))
-            }
-        };
+                    ))
+                }
+            };
         let json = transport.metadata_json()?;
-        let metadata: Metadata = serde_json::from_str(&json)
-            .map_err(|e| Error::plugin(id, "metadata", format!("unreadable metadata {json}: {e}")))?;
+        let metadata: Metadata = serde_json::from_str(&json).map_err(|e| {
+            Error::plugin(id, "metadata", format!("unreadable metadata {json}: {e}"))
+        })?;
         check_contract(id, &metadata.contract)?;
         Ok(Plugin {
             manifest: manifest.clone(),

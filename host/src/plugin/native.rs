@@ -91,8 +91,13 @@ unsafe extern "C-unwind" fn h_tensor_op(
     let c = unsafe { ctx(c) };
     host_call(c, || {
         let op = Op::from_code(op).ok_or_else(|| format!("unknown op code {op}"))?;
-        let (inputs, ints, floats) =
-            unsafe { (slice(inputs, n_inputs), slice(ints, n_ints), slice(floats, n_floats)) };
+        let (inputs, ints, floats) = unsafe {
+            (
+                slice(inputs, n_inputs),
+                slice(ints, n_ints),
+                slice(floats, n_floats),
+            )
+        };
         let h = lock(&c.state).tensor_op(op, inputs, ints, floats)?;
         unsafe { *out = h };
         Ok(())
@@ -318,7 +323,9 @@ pub struct NativePlugin {
 
 impl std::fmt::Debug for NativePlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NativePlugin").field("id", &self.id).finish()
+        f.debug_struct("NativePlugin")
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -440,7 +447,13 @@ impl NativePlugin {
             .map_err(|m| Error::plugin(&self.id, call, format!("returned {m}")))
     }
 
-    fn take_pair(&self, present: u32, a: u64, b: u64, call: &str) -> Result<Option<(Tensor, Tensor)>> {
+    fn take_pair(
+        &self,
+        present: u32,
+        a: u64,
+        b: u64,
+        call: &str,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         if present == 0 {
             return Ok(None);
         }
@@ -486,7 +499,10 @@ impl Transport for NativePlugin {
         let mut id = 0u32;
         // SAFETY: valid string for the call; writable out.
         self.call("create-method", |v| {
-            (unsafe { (v.create_method)(WsStr::new(config), &mut id) }, ())
+            (
+                unsafe { (v.create_method)(WsStr::new(config), &mut id) },
+                (),
+            )
         })?;
         Ok(id)
     }
@@ -503,7 +519,9 @@ impl Transport for NativePlugin {
             vocab_size: m.vocab_size as u32,
         };
         // SAFETY: valid struct for the call.
-        self.call("init-model", |v| (unsafe { (v.init_model)(instance, &info) }, ()))
+        self.call("init-model", |v| {
+            (unsafe { (v.init_model)(instance, &info) }, ())
+        })
     }
 
     fn select_linear(&self, instance: u32, linear: &LinearInfo) -> Result<bool> {
@@ -511,7 +529,10 @@ impl Transport for NativePlugin {
         let mut selected = 0u32;
         // SAFETY: valid struct; writable out.
         self.call("select-linear", |v| {
-            (unsafe { (v.select_linear)(instance, &l.info, &mut selected) }, ())
+            (
+                unsafe { (v.select_linear)(instance, &l.info, &mut selected) },
+                (),
+            )
         })?;
         Ok(selected != 0)
     }
@@ -519,16 +540,27 @@ impl Transport for NativePlugin {
     fn init_linear(&self, instance: u32, linear: &LinearInfo) -> Result<()> {
         let l = linear_c(linear);
         // SAFETY: valid struct for the call.
-        self.call("init-linear", |v| (unsafe { (v.init_linear)(instance, &l.info) }, ()))
+        self.call("init-linear", |v| {
+            (unsafe { (v.init_linear)(instance, &l.info) }, ())
+        })
     }
 
-    fn forward_linear(&self, instance: u32, module: &str, x: &Tensor, base: &Tensor) -> Result<Tensor> {
+    fn forward_linear(
+        &self,
+        instance: u32,
+        module: &str,
+        x: &Tensor,
+        base: &Tensor,
+    ) -> Result<Tensor> {
         let call = "forward-linear";
         let (hx, hb) = (self.put(x, call)?, self.put(base, call)?);
         let mut out = 0u64;
         // SAFETY: valid string; writable out.
         self.call(call, |v| {
-            (unsafe { (v.forward_linear)(instance, WsStr::new(module), hx, hb, &mut out) }, ())
+            (
+                unsafe { (v.forward_linear)(instance, WsStr::new(module), hx, hb, &mut out) },
+                (),
+            )
         })?;
         self.take(out, call)
     }
@@ -538,7 +570,10 @@ impl Transport for NativePlugin {
         let (mut present, mut out) = (0u32, 0u64);
         // SAFETY: valid string; writable outs.
         self.call(call, |v| {
-            (unsafe { (v.delta_weight)(instance, WsStr::new(module), &mut present, &mut out) }, ())
+            (
+                unsafe { (v.delta_weight)(instance, WsStr::new(module), &mut present, &mut out) },
+                (),
+            )
         })?;
         if present == 0 {
             return Ok(None);
@@ -546,34 +581,54 @@ impl Transport for NativePlugin {
         self.take(out, call).map(Some)
     }
 
-    fn forward_embeddings(&self, instance: u32, e: &Tensor, m: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    fn forward_embeddings(
+        &self,
+        instance: u32,
+        e: &Tensor,
+        m: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         let call = "forward-embeddings";
         let (he, hm) = (self.put(e, call)?, self.put(m, call)?);
         let (mut present, mut oe, mut om) = (0u32, 0u64, 0u64);
         // SAFETY: writable outs.
         self.call(call, |v| {
-            (unsafe { (v.forward_embeddings)(instance, he, hm, &mut present, &mut oe, &mut om) }, ())
+            (
+                unsafe { (v.forward_embeddings)(instance, he, hm, &mut present, &mut oe, &mut om) },
+                (),
+            )
         })?;
         self.take_pair(present, oe, om, call)
     }
 
-    fn attention_prefix(&self, instance: u32, layer: u32, batch: u32) -> Result<Option<(Tensor, Tensor)>> {
+    fn attention_prefix(
+        &self,
+        instance: u32,
+        layer: u32,
+        batch: u32,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         let call = "attention-prefix";
         let (mut present, mut k, mut val) = (0u32, 0u64, 0u64);
         // SAFETY: writable outs.
         self.call(call, |v| {
-            (unsafe { (v.attention_prefix)(instance, layer, batch, &mut present, &mut k, &mut val) }, ())
+            (
+                unsafe {
+                    (v.attention_prefix)(instance, layer, batch, &mut present, &mut k, &mut val)
+                },
+                (),
+            )
         })?;
         self.take_pair(present, k, val, call)
     }
 
     fn trainable_base_params(&self, instance: u32, names: &[String]) -> Result<Vec<String>> {
         let call = "trainable-base-params";
-        let json = serde_json::to_string(names).map_err(|e| Error::plugin(&self.id, call, e.to_string()))?;
+        let json = serde_json::to_string(names)
+            .map_err(|e| Error::plugin(&self.id, call, e.to_string()))?;
         let text = self.call(call, |v| {
             let mut out = WsStr::empty();
             // SAFETY: valid string; writable out; the result is copied under the call lock.
-            let status = unsafe { (v.trainable_base_params)(instance, WsStr::new(&json), &mut out) };
+            let status =
+                unsafe { (v.trainable_base_params)(instance, WsStr::new(&json), &mut out) };
             (status, unsafe { out.as_str().into_owned() })
         })?;
         serde_json::from_str(&text)
@@ -584,7 +639,12 @@ impl Transport for NativePlugin {
         let call = "loss-term";
         let (mut present, mut out) = (0u32, 0u64);
         // SAFETY: writable outs.
-        self.call(call, |v| (unsafe { (v.loss_term)(instance, &mut present, &mut out) }, ()))?;
+        self.call(call, |v| {
+            (
+                unsafe { (v.loss_term)(instance, &mut present, &mut out) },
+                (),
+            )
+        })?;
         if present == 0 {
             return Ok(None);
         }
@@ -593,10 +653,26 @@ impl Transport for NativePlugin {
 
     fn on_event(&self, instance: u32, event: &Event) -> Result<()> {
         let e = match *event {
-            Event::TrainStart => WsEvent { kind: 0, step: 0, loss: 0.0 },
-            Event::StepEnd { step, loss } => WsEvent { kind: 1, step, loss },
-            Event::EpochEnd(epoch) => WsEvent { kind: 2, step: epoch as u64, loss: 0.0 },
-            Event::TrainEnd => WsEvent { kind: 3, step: 0, loss: 0.0 },
+            Event::TrainStart => WsEvent {
+                kind: 0,
+                step: 0,
+                loss: 0.0,
+            },
+            Event::StepEnd { step, loss } => WsEvent {
+                kind: 1,
+                step,
+                loss,
+            },
+            Event::EpochEnd(epoch) => WsEvent {
+                kind: 2,
+                step: epoch as u64,
+                loss: 0.0,
+            },
+            Event::TrainEnd => WsEvent {
+                kind: 3,
+                step: 0,
+                loss: 0.0,
+            },
         };
         // SAFETY: plain values.
         self.call("on-event", |v| (unsafe { (v.on_event)(instance, e) }, ()))
@@ -605,11 +681,20 @@ impl Transport for NativePlugin {
     fn create_loss(&self, config: &str) -> Result<u32> {
         let mut id = 0u32;
         // SAFETY: valid string; writable out.
-        self.call("create-loss", |v| (unsafe { (v.create_loss)(WsStr::new(config), &mut id) }, ()))?;
+        self.call("create-loss", |v| {
+            (unsafe { (v.create_loss)(WsStr::new(config), &mut id) }, ())
+        })?;
         Ok(id)
     }
 
-    fn compute_loss(&self, instance: u32, logits: &Tensor, labels: &Tensor, mask: &Tensor, teacher: Option<&Tensor>) -> Result<Tensor> {
+    fn compute_loss(
+        &self,
+        instance: u32,
+        logits: &Tensor,
+        labels: &Tensor,
+        mask: &Tensor,
+        teacher: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let call = "compute-loss";
         let hl = self.put(logits, call)?;
         let hy = self.put(labels, call)?;
@@ -618,7 +703,20 @@ impl Transport for NativePlugin {
         let mut out = 0u64;
         // SAFETY: writable out.
         self.call(call, |v| {
-            (unsafe { (v.compute_loss)(instance, hl, hy, hm, ht.is_some() as u32, ht.unwrap_or(0), &mut out) }, ())
+            (
+                unsafe {
+                    (v.compute_loss)(
+                        instance,
+                        hl,
+                        hy,
+                        hm,
+                        ht.is_some() as u32,
+                        ht.unwrap_or(0),
+                        &mut out,
+                    )
+                },
+                (),
+            )
         })?;
         self.take(out, call)
     }
@@ -626,7 +724,12 @@ impl Transport for NativePlugin {
     fn create_loader(&self, config: &str) -> Result<u32> {
         let mut id = 0u32;
         // SAFETY: valid string; writable out.
-        self.call("create-loader", |v| (unsafe { (v.create_loader)(WsStr::new(config), &mut id) }, ()))?;
+        self.call("create-loader", |v| {
+            (
+                unsafe { (v.create_loader)(WsStr::new(config), &mut id) },
+                (),
+            )
+        })?;
         Ok(id)
     }
 

@@ -73,7 +73,9 @@ fn reshape(t: &Tensor, ints: &[i64]) -> R<Tensor> {
     let known: i64 = ints.iter().filter(|&&d| d >= 0).product();
     let wildcards = ints.iter().filter(|&&d| d == -1).count();
     if wildcards > 1 || ints.iter().any(|&d| d < -1) {
-        return Err(format!("reshape to {ints:?}: at most one -1 and no other negatives"));
+        return Err(format!(
+            "reshape to {ints:?}: at most one -1 and no other negatives"
+        ));
     }
     let dims: Vec<usize> = ints
         .iter()
@@ -129,8 +131,11 @@ pub fn from_candle(d: DType) -> Option<whetstone_sdk::DType> {
 pub fn randn(like: &Tensor, mean: f64, std: f64, ctx: &ForwardContext) -> R<Tensor> {
     use rand_distr::{Distribution, Normal};
     let normal = Normal::new(mean, std).map_err(|e| format!("randn: {e}"))?;
-    let values: Vec<f32> =
-        ctx.with_rng(|rng| (0..like.elem_count()).map(|_| normal.sample(rng) as f32).collect());
+    let values: Vec<f32> = ctx.with_rng(|rng| {
+        (0..like.elem_count())
+            .map(|_| normal.sample(rng) as f32)
+            .collect()
+    });
     Tensor::from_vec(values, like.shape(), like.device())
         .and_then(|t| t.to_dtype(like.dtype()))
         .map_err(err)
@@ -197,7 +202,10 @@ pub fn apply(
             let moved = if d == last {
                 x.clone()
             } else {
-                x.transpose(d, last).map_err(err)?.contiguous().map_err(err)?
+                x.transpose(d, last)
+                    .map_err(err)?
+                    .contiguous()
+                    .map_err(err)?
             };
             let y = if op == Op::Softmax {
                 ops::softmax_last_dim(&moved)

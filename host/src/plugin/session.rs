@@ -177,7 +177,8 @@ impl HostState {
     /// `dtype`.
     pub fn dtype(&self, h: u64) -> R<whetstone_sdk::DType> {
         let t = self.get(h)?;
-        ops::from_candle(t.dtype()).ok_or_else(|| format!("dtype {:?} is not in the contract", t.dtype()))
+        ops::from_candle(t.dtype())
+            .ok_or_else(|| format!("dtype {:?} is not in the contract", t.dtype()))
     }
 
     /// `to-vec`.
@@ -256,7 +257,9 @@ impl HostState {
         let key = key(module, name);
         let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         if dims.contains(&0) {
-            return Err(format!("add-param `{key}`: shape {dims:?} has a zero dimension"));
+            return Err(format!(
+                "add-param `{key}`: shape {dims:?} has a zero dimension"
+            ));
         }
         let value = self.init_value(&dims, init)?;
         let param = Arc::new(Param::frozen(key.clone(), value));
@@ -304,8 +307,7 @@ impl HostState {
             .files
             .get(index as usize)
             .ok_or_else(|| format!("no data file {index}"))?;
-        let mut file =
-            std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         file.seek(SeekFrom::Start(offset))
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let mut buf = Vec::with_capacity(len as usize);

@@ -30,8 +30,13 @@ pub trait Transport: Send + Sync {
     /// `init-linear`.
     fn init_linear(&self, instance: u32, linear: &LinearInfo) -> Result<()>;
     /// `forward-linear`.
-    fn forward_linear(&self, instance: u32, module: &str, x: &Tensor, base: &Tensor)
-        -> Result<Tensor>;
+    fn forward_linear(
+        &self,
+        instance: u32,
+        module: &str,
+        x: &Tensor,
+        base: &Tensor,
+    ) -> Result<Tensor>;
     /// `delta-weight`.
     fn delta_weight(&self, instance: u32, module: &str) -> Result<Option<Tensor>>;
     /// `forward-embeddings`.

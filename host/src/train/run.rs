@@ -19,8 +19,10 @@ use super::progress::Progress;
 use super::trainer::{StepStats, Trainer};
 use crate::data::{collate, BatchOrder, Example};
 use crate::model::Model;
+use crate::plugin::method::MethodAdapter;
 use crate::recipe::{MethodSpec, OutputConfig, Recipe, TrainingConfig};
 use crate::{Error, Result};
+use whetstone_sdk::Event;
 
 /// Called after every optimizer step (progress reporting for embedders, tests).
 pub type StepCallback = Arc<dyn Fn(&StepStats) + Send + Sync>;
@@ -38,6 +40,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Called after every optimizer step.
     pub on_step: Option<StepCallback>,
+    /// Plugin manifests to search (from `--plugin PATH`) before the recipe's and the plugin
+    /// directory.
+    pub plugins: Vec<PathBuf>,
 }
 
 impl fmt::Debug for RunOptions {
@@ -47,6 +52,7 @@ impl fmt::Debug for RunOptions {
             .field("cancel", &self.cancel)
             .field("progress", &self.progress)
             .field("on_step", &self.on_step.as_ref().map(|_| "<callback>"))
+            .field("plugins", &self.plugins)
             .finish()
     }
 }
@@ -82,6 +88,8 @@ pub struct RunSummary {
     pub loss_history: Vec<LossPoint>,
     /// Where checkpoints, metrics and the plot were written.
     pub output_dir: PathBuf,
+    /// The PEFT adapter directory, when the method was a plugin.
+    pub adapter_dir: Option<PathBuf>,
 }
 
 impl fmt::Display for RunSummary {
@@ -133,18 +141,57 @@ pub struct FitData<'a> {
     pub validation: &'a [Example],
     /// Padding token id.
     pub pad_id: u32,
+    /// The attached PEFT method plugin, if the method is one: its parameters train and it hears
+    /// the lifecycle events.
+    pub method: Option<&'a Arc<MethodAdapter>>,
 }
 
-/// Makes the parameters the method names trainable (and freezes the rest).
+/// Makes the parameters the method names trainable (and freezes the rest). A plugin method is
+/// loaded and attached (see [`attach_method`]).
 pub fn apply_method(model: &dyn Model, method: &MethodSpec) -> Result<()> {
+    apply_method_with_plugins(model, method, &[], 0).map(|_| ())
+}
+
+/// [`apply_method`], searching `plugins` (manifest paths) first for a plugin method, whose
+/// parameters are initialised from `seed`. Returns the attached plugin method.
+pub fn apply_method_with_plugins(
+    model: &dyn Model,
+    method: &MethodSpec,
+    plugins: &[PathBuf],
+    seed: u64,
+) -> Result<Option<Arc<MethodAdapter>>> {
     let params = model.params();
     match method {
-        MethodSpec::Full => params.iter().try_for_each(|p| p.set_trainable(true)),
+        MethodSpec::Full => params.iter().try_for_each(|p| p.set_trainable(true))?,
         MethodSpec::Partial { trainable } => {
             params.freeze_all()?;
-            params.set_trainable_by_patterns(trainable).map(|_| ())
+            params.set_trainable_by_patterns(trainable)?;
+        }
+        MethodSpec::Plugin {
+            id,
+            transport,
+            config,
+        } => {
+            params.freeze_all()?;
+            let manifest = crate::plugin::discover::find(id, plugins)?;
+            let plugin = crate::plugin::Plugin::load(&manifest, *transport)?;
+            tracing::info!(
+                plugin = id.as_str(),
+                transport = ?plugin.transport_kind,
+                version = plugin.metadata.version.as_str(),
+                "loaded method plugin"
+            );
+            let adapter = MethodAdapter::attach(
+                model,
+                plugin,
+                "default",
+                serde_json::Value::Object(config.clone()),
+                seed,
+            )?;
+            return Ok(Some(adapter));
         }
     }
+    Ok(None)
 }
 
 /// Runs the fine-tune `recipe` describes: opens the device, loads the model, applies the
@@ -154,7 +201,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     let device = recipe.training.device()?;
     let loaded = crate::model::load::load(&recipe.model, &device, recipe.training.seed)?;
     let model = loaded.model.as_ref();
-    apply_method(model, &recipe.method)?;
+    let mut plugin_paths = opts.plugins.clone();
+    plugin_paths.extend(recipe.plugins.iter().cloned());
+    let method =
+        apply_method_with_plugins(model, &recipe.method, &plugin_paths, recipe.training.seed)?;
     let data = crate::data::prepare(&recipe.data, &loaded)?;
     if let (Some(found), crate::model::TaskKind::SequenceClassification { num_labels }) =
         (data.label_count, model.task())
@@ -176,6 +226,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         train: &data.train,
         validation: &data.validation,
         pad_id: loaded.special.pad,
+        method: method.as_ref(),
     };
     let mut summary = fit(
         model,
@@ -186,6 +237,12 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         opts,
     )?;
     summary.skipped_records = data.skipped;
+    if let Some(m) = &method {
+        let adapter_dir = dir.join("adapter");
+        crate::adapter::save(model, m, &recipe.model.path, &adapter_dir)?;
+        tracing::info!("PEFT adapter: {}", adapter_dir.display());
+        summary.adapter_dir = Some(adapter_dir);
+    }
     Ok(summary)
 }
 
@@ -354,7 +411,7 @@ pub fn fit(
     let order = BatchOrder::shuffled(data.train.len(), training.batch_size, training.seed)?;
     let batches_per_epoch = order.num_batches();
     let total_steps = training.total_steps(batches_per_epoch);
-    let mut trainer = Trainer::new(model, training, total_steps)?;
+    let mut trainer = Trainer::with_method(model, data.method.cloned(), training, total_steps)?;
     let mut state = TrainerState::new(training.seed, total_steps);
     std::fs::create_dir_all(&output.dir).map_err(|e| Error::io(&output.dir, e))?;
     let metrics_path = output.dir.join(&output.metrics_file);
@@ -391,6 +448,9 @@ pub fn fit(
         );
     }
     let metrics = MetricsWriter::open(&metrics_path, opts.resume)?;
+    if let Some(m) = data.method {
+        m.on_event(&Event::TrainStart)?;
+    }
     tracing::info!(
         trainable = trainer.num_trainable(),
         total = model.params().num_params(),
@@ -442,6 +502,12 @@ pub fn fit(
                 .collect::<Result<Vec<_>>>()?;
             let stats = s.trainer.train_step(model, &micro)?;
             s.record_step(&stats, end - start)?;
+            if let Some(m) = data.method {
+                m.on_event(&Event::StepEnd {
+                    step: stats.step as u64,
+                    loss: stats.loss,
+                })?;
+            }
             if let Some(callback) = &opts.on_step {
                 callback(&stats);
             }
@@ -455,6 +521,9 @@ pub fn fit(
         if s.state.batch_in_epoch >= epoch_batches.len() {
             s.state.epoch += 1;
             s.state.batch_in_epoch = 0;
+            if let Some(m) = data.method {
+                m.on_event(&Event::EpochEnd(s.state.epoch as u32))?;
+            }
             s.evaluate_now()?;
             s.save_last()?;
         }
@@ -462,6 +531,9 @@ pub fn fit(
     s.evaluate_now()?;
     s.save_last()?;
     s.progress.finish();
+    if let Some(m) = data.method {
+        m.on_event(&Event::TrainEnd)?;
+    }
     if output.plot {
         let path = output.dir.join("loss.png");
         match plot_losses(&path, &s.state.loss_history, &s.state.eval_history) {
@@ -488,5 +560,6 @@ pub fn fit(
         validation_examples: data.validation.len(),
         loss_history: s.state.loss_history,
         output_dir: output.dir.clone(),
+        adapter_dir: None,
     })
 }

@@ -2,6 +2,7 @@
 //! accumulation, clipping, the learning rate from the schedule and the AdamW update.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
@@ -11,6 +12,7 @@ use super::clip::{clip_grad_norm, global_norm};
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use crate::model::{Batch, Mode, Model};
+use crate::plugin::method::MethodAdapter;
 use crate::recipe::TrainingConfig;
 use crate::{Error, Result};
 
@@ -62,13 +64,32 @@ pub struct Trainer {
     schedule: Schedule,
     max_grad_norm: Option<f64>,
     seed: u64,
+    method: Option<Arc<MethodAdapter>>,
 }
 
 impl Trainer {
     /// A trainer over the parameters of `model` that are trainable now, for a run of
     /// `total_steps` optimizer steps.
     pub fn new(model: &dyn Model, cfg: &TrainingConfig, total_steps: usize) -> Result<Self> {
-        let trainable = model.params().trainable();
+        Self::with_method(model, None, cfg, total_steps)
+    }
+
+    /// A trainer over the model's trainable parameters and those of an attached PEFT method
+    /// plugin, whose loss term it adds at every step.
+    pub fn with_method(
+        model: &dyn Model,
+        method: Option<Arc<MethodAdapter>>,
+        cfg: &TrainingConfig,
+        total_steps: usize,
+    ) -> Result<Self> {
+        let mut trainable = model.params().trainable();
+        if let Some(m) = &method {
+            for p in m.params() {
+                if !trainable.iter().any(|t| Arc::ptr_eq(t, &p)) {
+                    trainable.push(p);
+                }
+            }
+        }
         if trainable.is_empty() {
             return Err(Error::config(format!(
                 "nothing to train: no parameter of the {} model is trainable; use method kind = \"full\" or \
@@ -106,6 +127,7 @@ impl Trainer {
             schedule,
             max_grad_norm: cfg.max_grad_norm,
             seed: cfg.seed,
+            method,
         })
     }
 
@@ -146,7 +168,11 @@ impl Trainer {
         }
         let step = self.step() + 1;
         // Dropout masks depend only on (seed, step), so a resumed run repeats exactly.
-        model.reseed(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64);
+        let step_seed = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64;
+        model.reseed(step_seed);
+        let ctx = model.forward_context();
+        ctx.reseed(step_seed ^ 0x5EED);
+        ctx.set_step(step as u64);
         let scale = 1.0 / micro_batches.len() as f64;
         let (mut forward_s, mut backward_s) = (0.0, 0.0);
         let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
@@ -155,7 +181,16 @@ impl Trainer {
         for batch in micro_batches {
             let t0 = Instant::now();
             let logits = model.forward(&batch.input_ids, &batch.attention_mask, Mode::Train)?;
-            let loss = model.loss(&logits, &batch.labels)?;
+            let mut loss = model.loss(&logits, &batch.labels)?;
+            if let Some(term) = self
+                .method
+                .as_ref()
+                .map(|m| m.loss_term())
+                .transpose()?
+                .flatten()
+            {
+                loss = loss.broadcast_add(&term.to_dtype(loss.dtype())?.reshape(())?)?;
+            }
             let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(Error::NonFiniteLoss { step, value });

@@ -1,0 +1,73 @@
+//! Writing an attached method's parameters as a PEFT adapter directory.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::model::{Model, TaskKind};
+use crate::plugin::method::MethodAdapter;
+use crate::{Error, Result};
+
+/// PEFT's adapter configuration file.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+/// PEFT's adapter weights file.
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The prefix PEFT puts before every key of a saved adapter.
+pub const PEFT_KEY_PREFIX: &str = "base_model.model.";
+
+/// The PEFT key of parameter `name` (our module naming) of `model`.
+pub fn peft_key(model: &dyn Model, name: &str) -> String {
+    format!("{PEFT_KEY_PREFIX}{}", model.checkpoint_name(name))
+}
+
+/// PEFT's `task_type` for the model's task.
+fn task_type(model: &dyn Model) -> &'static str {
+    match model.task() {
+        TaskKind::CausalLm => "CAUSAL_LM",
+        TaskKind::SequenceClassification { .. } => "SEQ_CLS",
+    }
+}
+
+/// Writes `method`'s parameters (and the base parameters it trains, e.g. `modules_to_save`) and
+/// its configuration to `dir` as PEFT does. `base_model` goes to `base_model_name_or_path`.
+pub fn save(model: &dyn Model, method: &MethodAdapter, base_model: &str, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tensors = HashMap::new();
+    for p in method.params().iter().chain(method.base_params()) {
+        let t = p
+            .tensor()
+            .detach()
+            .to_device(&candle_core::Device::Cpu)?
+            .contiguous()?;
+        tensors.insert(peft_key(model, p.name()), t);
+    }
+    let weights = dir.join(ADAPTER_WEIGHTS_FILE);
+    candle_core::safetensors::save(&tensors, &weights)?;
+
+    let mut config: Map<String, Value> = match &method.config {
+        Value::Object(m) => m.clone(),
+        _ => Map::new(),
+    };
+    let mut set_default = |k: &str, v: Value| {
+        config.entry(k.to_string()).or_insert(v);
+    };
+    set_default("peft_type", Value::from(method.plugin.id().to_uppercase()));
+    set_default("task_type", Value::from(task_type(model)));
+    set_default("base_model_name_or_path", Value::from(base_model));
+    set_default("inference_mode", Value::Bool(true));
+    if !method.base_params().is_empty() && !config.contains_key("modules_to_save") {
+        let mut modules: Vec<String> = method
+            .base_params()
+            .iter()
+            .filter_map(|p| p.name().rsplit_once('.').map(|(m, _)| m.to_string()))
+            .collect();
+        modules.dedup();
+        config.insert("modules_to_save".into(), Value::from(modules));
+    }
+    let text = serde_json::to_string_pretty(&Value::Object(config))
+        .map_err(|e| Error::config(format!("cannot write the adapter config: {e}")))?;
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    Ok(())
+}
