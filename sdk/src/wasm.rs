@@ -122,6 +122,17 @@ pub(crate) mod host {
     }
 }
 
+/// Installs the plugin's factory and, once, a panic hook that sends the panic message to the
+/// host's log: a wasm32 plugin aborts on panic (the host sees a trap), so the log line is where
+/// the message survives.
+fn setup<P: Provider>() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    runtime::install::<P>();
+    HOOK.call_once(|| {
+        std::panic::set_hook(Box::new(|info| imports::log(0, &info.to_string())));
+    });
+}
+
 fn out<T>(call: &str, f: impl FnOnce() -> Result<T>) -> std::result::Result<T, String> {
     runtime::guard(call, f).map_err(|e| e.to_string())
 }
@@ -142,12 +153,12 @@ pub struct Component<P>(PhantomData<P>);
 
 impl<P: Provider> exports::Guest for Component<P> {
     fn metadata() -> String {
-        runtime::install::<P>();
+        setup::<P>();
         runtime::metadata().unwrap_or_else(|e| format!("{{\"error\": {:?}}}", e.to_string()))
     }
 
     fn create_method(config: String) -> std::result::Result<u32, String> {
-        runtime::install::<P>();
+        setup::<P>();
         out("create-method", || runtime::create_method(&config))
     }
 
@@ -258,7 +269,7 @@ impl<P: Provider> exports::Guest for Component<P> {
     }
 
     fn create_loss(config: String) -> std::result::Result<u32, String> {
-        runtime::install::<P>();
+        setup::<P>();
         out("create-loss", || runtime::create_loss(&config))
     }
 
@@ -282,7 +293,7 @@ impl<P: Provider> exports::Guest for Component<P> {
     }
 
     fn create_loader(config: String) -> std::result::Result<u32, String> {
-        runtime::install::<P>();
+        setup::<P>();
         out("create-loader", || runtime::create_loader(&config))
     }
 

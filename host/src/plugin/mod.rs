@@ -9,6 +9,8 @@
 //! - [`transport`], [`native`], [`wasm`]: the two ways of calling a plugin;
 //! - [`method`]: attaching a PEFT method plugin to a model.
 
+pub mod build;
+pub mod conformance;
 pub mod discover;
 pub mod manifest;
 pub mod method;
