@@ -137,6 +137,17 @@ pub struct DataConfig {
     /// every token (`all`).
     #[serde(default)]
     pub loss_on: LossOn,
+    /// Causal LM: turn `{"text", "label"}` records into instructions. Each becomes a
+    /// conversation whose user turn is this template with `{text}` replaced by the record's text
+    /// and whose assistant turn is the label's name from `label_names` (which must be set).
+    /// After training, the held-out records are answered by generation and the answer accuracy
+    /// is reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instruction_template: Option<String>,
+    /// With `instruction_template`: answer at most this many held-out questions after training
+    /// (generation is slow on a CPU); all of them by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_answer_examples: Option<usize>,
 }
 
 fn default_validation_ratio() -> f64 {
@@ -184,6 +195,8 @@ impl DataConfig {
             skip_bad_records: false,
             max_records: None,
             loss_on: LossOn::default(),
+            instruction_template: None,
+            max_answer_examples: None,
         }
     }
 

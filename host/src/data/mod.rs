@@ -11,6 +11,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod instruct;
 pub mod prepare;
 pub mod records;
 pub mod template;

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
 use super::config::DataConfig;
+use super::instruct::{self, AnswerExample};
 use super::records::{read_records, BadRecordPolicy, FieldMap, SourcedRecord};
 use super::tokenize::{pack, Encoder, Example, ExampleLabels};
 use crate::model::load::{LoadedModel, SpecialTokens};
@@ -28,6 +29,8 @@ pub struct PreparedData {
     /// Classification: the number of classes the data uses (`label_names`' length, or the largest
     /// label plus one). `None` for language modelling.
     pub label_count: Option<usize>,
+    /// With `instruction_template`: the held-out questions and their expected answers.
+    pub answers: Vec<AnswerExample>,
 }
 
 /// Prepares the data of `cfg` for `loaded`: its task, tokenizer, special tokens and chat template.
@@ -71,6 +74,19 @@ pub fn prepare_with(
     if cfg.validation.is_empty() {
         (train_records, validation_records) =
             split(train_records, cfg.validation_ratio, cfg.split_seed)?;
+    }
+    let mut answers = Vec::new();
+    if let Some(template) = &cfg.instruction_template {
+        if task != TaskKind::CausalLm {
+            return Err(Error::config(
+                "[data] instruction_template turns records into conversations for a causal LM; \
+                 remove it for a classification model",
+            ));
+        }
+        instruct::validate(template, &cfg.label_names)?;
+        (train_records, _) = instruct::to_conversations(train_records, template, &cfg.label_names)?;
+        (validation_records, answers) =
+            instruct::to_conversations(validation_records, template, &cfg.label_names)?;
     }
 
     let encoder = Encoder::new(
@@ -124,6 +140,7 @@ pub fn prepare_with(
         skipped: policy.skipped,
         truncated,
         label_count,
+        answers,
     })
 }
 

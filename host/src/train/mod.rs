@@ -6,6 +6,7 @@
 //!   checkpoints, resume, cancellation);
 //! - [`run`] does everything a recipe asks: device, model, method, data, then [`fit`].
 
+pub mod answers;
 pub mod checkpoint;
 pub mod clip;
 pub mod eval;

@@ -90,6 +90,8 @@ pub struct RunSummary {
     pub output_dir: PathBuf,
     /// The PEFT adapter directory, when the method was a plugin.
     pub adapter_dir: Option<PathBuf>,
+    /// Held-out answer accuracy by generation (with `[data] instruction_template`).
+    pub answers: Option<super::answers::AnswerMetrics>,
 }
 
 impl fmt::Display for RunSummary {
@@ -114,6 +116,13 @@ impl fmt::Display for RunSummary {
         }
         if let (Some(m), Some(step)) = (&self.best_eval, self.best_step) {
             writeln!(f, "best eval:        {} at step {step}", describe(m))?;
+        }
+        if let Some(a) = &self.answers {
+            writeln!(
+                f,
+                "answer accuracy:  {:.4} ({} held-out questions answered by generation)",
+                a.accuracy, a.examples
+            )?;
         }
         writeln!(
             f,
@@ -242,6 +251,19 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         crate::adapter::save(model, m, &recipe.model.path, &adapter_dir)?;
         tracing::info!("PEFT adapter: {}", adapter_dir.display());
         summary.adapter_dir = Some(adapter_dir);
+    }
+    if !data.answers.is_empty() {
+        let limit = recipe.data.max_answer_examples;
+        tracing::info!(
+            questions = limit.unwrap_or(data.answers.len()).min(data.answers.len()),
+            "answering held-out instructions"
+        );
+        let metrics = super::answers::answer_accuracy(&loaded, &data.answers, limit)?;
+        let path = dir.join("answers.json");
+        let text = serde_json::to_string_pretty(&metrics)
+            .map_err(|e| Error::config(format!("cannot write {}: {e}", path.display())))?;
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        summary.answers = Some(metrics);
     }
     Ok(summary)
 }
@@ -561,5 +583,6 @@ pub fn fit(
         loss_history: s.state.loss_history,
         output_dir: output.dir.clone(),
         adapter_dir: None,
+        answers: None,
     })
 }
