@@ -183,15 +183,14 @@ impl MethodAdapter {
     /// base parameters trainable.
     pub fn activate(self: &Arc<Self>, model: &dyn Model) -> Result<()> {
         for linear in model.linears() {
-            let hook: Option<Arc<dyn LinearHook>> =
-                if self.wrapped.iter().any(|w| *w == linear.name) {
-                    Some(Arc::new(PluginLinear {
-                        adapter: self.clone(),
-                        module: linear.name.clone(),
-                    }))
-                } else {
-                    None
-                };
+            let hook: Option<Arc<dyn LinearHook>> = if self.wrapped.contains(&linear.name) {
+                Some(Arc::new(PluginLinear {
+                    adapter: self.clone(),
+                    module: linear.name.clone(),
+                }))
+            } else {
+                None
+            };
             linear.set_hook(hook);
         }
         for p in &self.base_trainable {

@@ -284,3 +284,96 @@ pub fn apply(
     };
     out.map_err(err)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(op: Op, inputs: &[Tensor], ints: &[i64], floats: &[f64]) -> R<Tensor> {
+        apply(
+            op,
+            inputs,
+            ints,
+            floats,
+            &Device::Cpu,
+            &ForwardContext::default(),
+        )
+    }
+
+    fn t(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn vals(x: &Tensor) -> Vec<f32> {
+        x.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn ops_follow_their_argument_encoding() {
+        let a = t(&[1., 2., 3., 4., 5., 6.], &[2, 3]);
+        let b = t(&[1., 0., 0., 1., 1., 1.], &[2, 3]);
+        let mt = run(Op::MatmulT, &[a.clone(), b.clone()], &[], &[]).unwrap();
+        assert_eq!(vals(&mt), [1., 6., 4., 15.]);
+        let r = run(Op::Reshape, std::slice::from_ref(&a), &[3, -1], &[]).unwrap();
+        assert_eq!(r.dims(), [3, 2]);
+        let s = run(Op::Sum, std::slice::from_ref(&a), &[0, -1], &[]).unwrap();
+        assert_eq!(vals(&s), [6., 15.]);
+        let s = run(Op::Sum, std::slice::from_ref(&a), &[1, 0], &[]).unwrap();
+        assert_eq!(s.dims(), [1, 3]);
+        let n = run(Op::Narrow, std::slice::from_ref(&a), &[-1, 1, 2], &[]).unwrap();
+        assert_eq!(vals(&n), [2., 3., 5., 6.]);
+        let u = run(Op::Unsqueeze, std::slice::from_ref(&a), &[-1], &[]).unwrap();
+        assert_eq!(u.dims(), [2, 3, 1]);
+        let sm = run(Op::Softmax, std::slice::from_ref(&a), &[0], &[]).unwrap();
+        let col = vals(&sm.sum_keepdim(0).unwrap());
+        assert!(col.iter().all(|v| (v - 1.0).abs() < 1e-6));
+        let sc = run(Op::Scale, std::slice::from_ref(&a), &[], &[0.5]).unwrap();
+        assert_eq!(vals(&sc)[1], 1.0);
+        let c = run(Op::Cat, &[a.clone(), b], &[0], &[]).unwrap();
+        assert_eq!(c.dims(), [4, 3]);
+    }
+
+    #[test]
+    fn bad_arguments_are_errors_not_panics() {
+        let a = t(&[1., 2.], &[2]);
+        assert!(run(Op::Add, std::slice::from_ref(&a), &[], &[])
+            .unwrap_err()
+            .contains("2 tensor input"));
+        assert!(run(Op::Scale, std::slice::from_ref(&a), &[], &[]).is_err());
+        assert!(run(Op::Transpose, std::slice::from_ref(&a), &[0, 5], &[]).is_err());
+        assert!(run(Op::Reshape, std::slice::from_ref(&a), &[-1, -1], &[]).is_err());
+        assert!(run(Op::Dropout, &[a], &[], &[1.5]).is_err());
+    }
+
+    #[test]
+    fn dropout_is_identity_in_eval_and_seeded_in_train() {
+        let x = Tensor::ones((64,), DType::F32, &Device::Cpu).unwrap();
+        let ctx = ForwardContext::default();
+        ctx.set_mode(Mode::Eval);
+        let y = apply(
+            Op::Dropout,
+            std::slice::from_ref(&x),
+            &[],
+            &[0.5],
+            &Device::Cpu,
+            &ctx,
+        )
+        .unwrap();
+        assert_eq!(vals(&y), vals(&x));
+        ctx.set_mode(Mode::Train);
+        ctx.reseed(7);
+        let y1 = apply(
+            Op::Dropout,
+            std::slice::from_ref(&x),
+            &[],
+            &[0.5],
+            &Device::Cpu,
+            &ctx,
+        )
+        .unwrap();
+        ctx.reseed(7);
+        let y2 = apply(Op::Dropout, &[x], &[], &[0.5], &Device::Cpu, &ctx).unwrap();
+        assert_eq!(vals(&y1), vals(&y2));
+        assert!(vals(&y1).contains(&0.0) && vals(&y1).contains(&2.0));
+    }
+}
