@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use whetstone_host::model::generate::{generate, GenerateOptions};
 
+use crate::adapter_arg::AdapterOptions;
 use crate::model_arg::ModelOptions;
 
 /// Options of `whet generate`.
@@ -16,6 +17,8 @@ pub struct GenerateArgs {
     model: String,
     #[command(flatten)]
     options: ModelOptions,
+    #[command(flatten)]
+    adapter: AdapterOptions,
     /// The text to continue (or, with `--chat`, the user's message).
     #[arg(long, short = 'p')]
     prompt: String,
@@ -42,6 +45,7 @@ pub struct GenerateArgs {
 /// Runs `whet generate`: tokens go to stdout as they come, figures to stderr.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let loaded = args.options.load(&args.model, args.seed)?;
+    let _adapter = args.adapter.attach(loaded.model.as_ref())?;
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

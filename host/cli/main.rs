@@ -3,12 +3,15 @@
 //! Each subcommand lives in its own module; this file parses the arguments, sets up logging
 //! and prints errors with their whole cause chain.
 
+mod adapter_arg;
 mod assets;
 mod bench;
 mod demo;
 mod generate;
 mod inspect;
+mod merge;
 mod model_arg;
+mod plugin;
 mod train;
 
 use std::io::IsTerminal;
@@ -43,6 +46,8 @@ enum Command {
     Eval(train::EvalArgs),
     /// Generate text with a causal language model (tokens stream to stdout).
     Generate(generate::GenerateArgs),
+    /// Fold a PEFT adapter into its base model and write the merged model directory.
+    Merge(merge::MergeArgs),
     /// Show a model's architecture, parameter count, layers and linear module names.
     Inspect(inspect::InspectArgs),
     /// Measure performance (prints JSON).
@@ -53,6 +58,9 @@ enum Command {
     Assets(assets::AssetsCommand),
     /// Fetch the default assets and fine-tune all-MiniLM-L6-v2 on UCI sentiment sentences.
     Demo(demo::DemoArgs),
+    /// Create, build, list and check plugins (PEFT methods, losses, data loaders).
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
 }
 
 /// Logs go to stderr; the level comes from `RUST_LOG`, else from `-v`.
@@ -76,10 +84,12 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Train(args) => train::run_train(args),
         Command::Eval(args) => train::run_eval(args),
         Command::Generate(args) => generate::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Assets(command) => assets::run(command),
         Command::Demo(args) => demo::run(args),
+        Command::Plugin(command) => plugin::run(command),
     }
 }
 

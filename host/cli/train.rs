@@ -4,8 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use whetstone_host::recipe::Recipe;
+use whetstone_host::model::load::LoadedModel;
+use whetstone_host::recipe::{MethodSpec, Recipe};
 use whetstone_host::train::{self, checkpoint, EvalMetrics, RunOptions, RunSummary};
+
+use crate::adapter_arg::AdapterOptions;
 
 /// Options of `whet train`.
 #[derive(Debug, Args)]
@@ -24,6 +27,10 @@ pub struct TrainArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// A plugin manifest (`plugin.toml` or its folder) to search before the recipe's `plugins`
+    /// and the plugin directory; repeatable.
+    #[arg(long = "plugin", value_name = "PATH")]
+    plugins: Vec<PathBuf>,
 }
 
 /// Options of `whet eval`.
@@ -38,6 +45,9 @@ pub struct EvalArgs {
     /// Print the metrics as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Evaluate the recipe's model with this PEFT adapter attached instead of a checkpoint.
+    #[command(flatten)]
+    adapter: AdapterOptions,
 }
 
 /// Reads a recipe file, naming it in errors.
@@ -65,6 +75,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     let opts = RunOptions {
         resume: args.resume,
         progress: !args.no_progress,
+        plugins: args.plugins,
         ..RunOptions::default()
     };
     train_recipe(&recipe, &opts, args.json)?;
@@ -85,26 +96,69 @@ fn default_checkpoint(recipe: &Recipe) -> Result<PathBuf> {
     )
 }
 
-/// Evaluates `recipe`'s held-out data with the parameters of the checkpoint in `ckpt_dir`.
-pub fn evaluate_checkpoint(recipe: &Recipe, ckpt_dir: &Path) -> Result<EvalMetrics> {
+/// Evaluates `recipe`'s held-out data with the parameters of the checkpoint in `ckpt_dir`. A
+/// plugin method is attached first (searching `plugins`, then the recipe's) so that its
+/// parameters can be restored.
+pub fn evaluate_checkpoint(
+    recipe: &Recipe,
+    ckpt_dir: &Path,
+    plugins: &[PathBuf],
+) -> Result<EvalMetrics> {
     let device = recipe.training.device()?;
     let loaded = whetstone_host::model::load::load(&recipe.model, &device, recipe.training.seed)
         .with_context(|| format!("loading model {}", recipe.model.path))?;
     let model = loaded.model.as_ref();
+    let method = match &recipe.method {
+        MethodSpec::Plugin { .. } => {
+            let mut paths = plugins.to_vec();
+            paths.extend(recipe.plugins.iter().cloned());
+            train::run::apply_method_with_plugins(
+                model,
+                &recipe.method,
+                &paths,
+                recipe.training.seed,
+            )?
+        }
+        _ => None,
+    };
+    let method_params = method.as_ref().map(|m| m.params()).unwrap_or_default();
     let ckpt = checkpoint::load(ckpt_dir, &device)?;
     let params = model.params();
     for (name, value) in &ckpt.params {
-        let param = params.get(name).with_context(|| {
-            format!(
-                "checkpoint {} holds `{name}`, which the recipe's model does not have",
-                ckpt_dir.display()
-            )
-        })?;
+        let own = method_params.iter().find(|p| p.name() == name).cloned();
+        let param = own
+            .map(Ok)
+            .unwrap_or_else(|| params.get(name))
+            .with_context(|| {
+                format!(
+                    "checkpoint {} holds `{name}`, which the recipe's model does not have",
+                    ckpt_dir.display()
+                )
+            })?;
         param
             .set_value(value)
             .with_context(|| format!("restoring `{name}` from {}", ckpt_dir.display()))?;
     }
-    let data = whetstone_host::data::prepare(&recipe.data, &loaded)?;
+    evaluate_loaded(recipe, &loaded)
+}
+
+/// Evaluates `recipe`'s held-out data with the recipe's model and the PEFT adapter `adapter`
+/// attached (its method plugin searched in `adapter.plugins`, then the recipe's `plugins`).
+pub fn evaluate_adapter(recipe: &Recipe, adapter: &AdapterOptions) -> Result<EvalMetrics> {
+    let device = recipe.training.device()?;
+    let loaded = whetstone_host::model::load::load(&recipe.model, &device, recipe.training.seed)
+        .with_context(|| format!("loading model {}", recipe.model.path))?;
+    let mut adapter = adapter.clone();
+    adapter.plugins.extend(recipe.plugins.iter().cloned());
+    let _attached = adapter.attach(loaded.model.as_ref())?;
+    evaluate_loaded(recipe, &loaded)
+}
+
+/// Evaluates `recipe`'s held-out data with `loaded` as it is.
+fn evaluate_loaded(recipe: &Recipe, loaded: &LoadedModel) -> Result<EvalMetrics> {
+    let device = recipe.training.device()?;
+    let model = loaded.model.as_ref();
+    let data = whetstone_host::data::prepare(&recipe.data, loaded)?;
     if data.validation.is_empty() {
         bail!("the recipe has no held-out data: set data.validation files or data.validation_ratio > 0");
     }
@@ -121,16 +175,26 @@ pub fn evaluate_checkpoint(recipe: &Recipe, ckpt_dir: &Path) -> Result<EvalMetri
 /// Runs `whet eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
     let recipe = read_recipe(&args.recipe)?;
-    let ckpt = match args.checkpoint {
-        Some(dir) => dir,
-        None => default_checkpoint(&recipe)?,
+    let (source, metrics) = match (&args.adapter.adapter, args.checkpoint) {
+        (Some(_), Some(_)) => bail!("give either --checkpoint or --adapter, not both"),
+        (Some(dir), None) => (
+            format!("adapter:    {}", dir.display()),
+            evaluate_adapter(&recipe, &args.adapter)?,
+        ),
+        (None, ckpt) => {
+            let ckpt = match ckpt {
+                Some(dir) => dir,
+                None => default_checkpoint(&recipe)?,
+            };
+            let metrics = evaluate_checkpoint(&recipe, &ckpt, &args.adapter.plugins)?;
+            (format!("checkpoint: {}", ckpt.display()), metrics)
+        }
     };
-    let metrics = evaluate_checkpoint(&recipe, &ckpt)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&metrics)?);
         return Ok(());
     }
-    println!("checkpoint: {}", ckpt.display());
+    println!("{source}");
     println!("examples:   {}", metrics.examples);
     println!("loss:       {:.4}", metrics.loss);
     if let Some(a) = metrics.accuracy {

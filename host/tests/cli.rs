@@ -37,7 +37,7 @@ fn help_lists_every_command() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     for command in [
-        "train", "eval", "generate", "inspect", "bench", "assets", "demo",
+        "train", "eval", "generate", "merge", "inspect", "bench", "assets", "demo", "plugin",
     ] {
         assert!(
             text.contains(command),

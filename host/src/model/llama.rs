@@ -107,7 +107,28 @@ impl LlamaConfig {
                 ));
             }
         }
-        let mut parsed: Self = serde_json::from_value(config.clone())
+        let mut config = config.clone();
+        // transformers 5 writes the rotary settings as `rope_parameters`.
+        if let Some(rope) = config
+            .get("rope_parameters")
+            .filter(|v| !v.is_null())
+            .cloned()
+        {
+            let kind = rope.get("rope_type").and_then(Value::as_str);
+            if kind.is_some_and(|k| k != "default") {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "`rope_parameters.rope_type` = {kind:?} is not supported by the host's \
+                         Llama implementation (only `default`)"
+                    ),
+                ));
+            }
+            if let (Some(theta), Some(map)) = (rope.get("rope_theta"), config.as_object_mut()) {
+                map.entry("rope_theta").or_insert(theta.clone());
+            }
+        }
+        let mut parsed: Self = serde_json::from_value(config)
             .map_err(|e| Error::bad_file(path, format!("not a Llama config: {e}")))?;
         if parsed.num_key_value_heads == 0 {
             parsed.num_key_value_heads = parsed.num_attention_heads;
@@ -139,6 +160,34 @@ impl LlamaConfig {
     /// Dimension of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// The Hugging Face `config.json` of this configuration (f32 weights). A model with q/k/v
+    /// biases is written as Qwen2, which has them without a flag (Llama's `attention_bias`
+    /// would also give `o_proj` one).
+    pub fn to_hf_json(&self) -> Value {
+        let (architecture, model_type) = if self.attention_bias {
+            ("Qwen2ForCausalLM", "qwen2")
+        } else {
+            ("LlamaForCausalLM", "llama")
+        };
+        serde_json::json!({
+            "architectures": [architecture],
+            "model_type": model_type,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim(),
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": "float32",
+        })
     }
 }
 
@@ -542,6 +591,10 @@ impl Model for Llama {
             head_dim: c.head_dim(),
             vocab_size: c.vocab_size,
         }
+    }
+
+    fn hf_config(&self) -> Option<Value> {
+        Some(self.config.to_hf_json())
     }
 
     fn as_causal_lm(&self) -> Option<&dyn CausalLm> {

@@ -89,6 +89,12 @@ pub trait Model: Send + Sync {
         name.to_string()
     }
 
+    /// The model's configuration as a Hugging Face `config.json`, for writing the model out
+    /// when its source has none (a GGUF file); `None` when the architecture does not say.
+    fn hf_config(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// The incremental (KV-cached) decoding interface, for models that generate text.
     fn as_causal_lm(&self) -> Option<&dyn generate::CausalLm> {
         None

@@ -102,6 +102,10 @@ const BOOKKEEPING: &[&str] = &[
     "inference_mode",
     "auto_mapping",
     "peft_version",
+    // Settings of features that are off unless their switch is on (`megatron_config`,
+    // `use_qalora`), which PEFT writes with non-empty defaults.
+    "megatron_core",
+    "qalora_group_size",
 ];
 
 /// Whether a value is PEFT's "off" for a feature (so the field can be ignored).
@@ -270,7 +274,9 @@ mod tests {
     #[test]
     fn peft_bookkeeping_is_accepted_and_unsupported_features_named() {
         let ok = parse(
-            r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "use_dora": false, "loftq_config": {}, "megatron_config": null}"#,
+            r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "use_dora": false, "loftq_config": {},
+                "megatron_config": null, "megatron_core": "megatron.core", "use_qalora": false,
+                "qalora_group_size": 16, "lora_bias": false, "target_parameters": null}"#,
         );
         ok.validate().unwrap();
         let dora = parse(r#"{"use_dora": true}"#);

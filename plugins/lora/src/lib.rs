@@ -77,7 +77,7 @@ impl PeftMethod for Lora {
     }
 
     fn select_linear(&self, linear: &LinearInfo) -> Result<bool> {
-        if self.head_modules.iter().any(|h| *h == linear.name) {
+        if self.head_modules.contains(&linear.name) {
             // A head in modules_to_save trains whole; PEFT never wraps it.
             return Ok(false);
         }
