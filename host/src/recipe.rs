@@ -525,6 +525,33 @@ mod tests {
     }
 
     #[test]
+    fn plugin_methods_keep_their_peft_config_and_round_trip() {
+        let text = format!(
+            "plugins = [\"p/plugin.toml\"]\n{MINIMAL}[method]\nkind = \"lora\"\ntransport = \"wasm\"\nr = 8\ntarget_modules = [\"q_proj\"]\n"
+        );
+        let r = Recipe::from_toml_str(&text, "r.toml").unwrap();
+        let MethodSpec::Plugin {
+            id,
+            transport,
+            config,
+        } = &r.method
+        else {
+            panic!("not a plugin method: {:?}", r.method);
+        };
+        assert_eq!(id, "lora");
+        assert_eq!(*transport, crate::plugin::TransportKind::Wasm);
+        assert_eq!(config["r"], 8);
+        assert_eq!(r.plugins, [std::path::PathBuf::from("p/plugin.toml")]);
+        let again = Recipe::from_toml_str(&toml::to_string(&r).unwrap(), "again.toml").unwrap();
+        assert_eq!(again.method, r.method);
+        let bad = format!("{MINIMAL}[method]\nkind = \"full\"\nr = 8\n");
+        let err = Recipe::from_toml_str(&bad, "r.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`r`"), "{err}");
+    }
+
+    #[test]
     fn partial_method_and_ranges() {
         let text =
             format!("{MINIMAL}[method]\nkind = \"partial\"\ntrainable = [\"classifier.*\"]\n");

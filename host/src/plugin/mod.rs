@@ -169,3 +169,27 @@ pub(crate) fn log_from_plugin(level: u32, message: &str) {
         _ => tracing::trace!(target: "plugin", "{message}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_versions_outside_the_range_are_refused_naming_both() {
+        check_contract("lora", "0.1").unwrap();
+        check_contract("lora", "0.0").unwrap();
+        let newer = check_contract("lora", "0.2").unwrap_err().to_string();
+        assert!(
+            newer.contains("0.2") && newer.contains("0.1") && newer.contains("`lora`"),
+            "{newer}"
+        );
+        let major = check_contract("lora", "1.0").unwrap_err().to_string();
+        assert!(major.contains("1.0"), "{major}");
+        assert!(check_contract("lora", "one").is_err());
+        assert_eq!(
+            "wasm".parse::<TransportKind>().unwrap(),
+            TransportKind::Wasm
+        );
+        assert!("gpu".parse::<TransportKind>().is_err());
+    }
+}
