@@ -276,6 +276,13 @@ impl HostState {
         let value = session
             .with_params(|p| p.get(&key).map(|p| p.tensor()))
             .ok_or_else(|| format!("no parameter `{key}`: create it with add-param first"))?;
+        // While evaluating nothing is differentiated: a detached value keeps candle from
+        // recording (and keeping alive) the whole forward graph behind every wrapped module.
+        let value = if session.ctx.mode() == crate::model::Mode::Eval {
+            value.detach()
+        } else {
+            value
+        };
         self.insert(value)
     }
 
