@@ -73,11 +73,13 @@ fn base_weight() -> Tensor {
     Tensor::from_vec(values(OUT * IN, 0.1), (OUT, IN), &Device::Cpu).unwrap()
 }
 
-/// A session over a one-parameter "model" with a seeded generator.
+/// A session over a one-parameter "model" with a seeded generator, in training mode (while
+/// evaluating, the host hands plugins detached parameters and nothing is differentiated).
 fn session() -> Arc<Session> {
     let mut base = ParamStore::new();
     base.insert(format!("{Q}.weight"), base_weight());
     let ctx = Arc::new(ForwardContext::default());
+    ctx.set_mode(whetstone_host::model::Mode::Train);
     ctx.reseed(42);
     Arc::new(Session::new(Device::Cpu, base, ctx))
 }
