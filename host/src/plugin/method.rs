@@ -74,7 +74,7 @@ impl std::fmt::Debug for PluginLinear {
 impl LinearHook for PluginLinear {
     fn forward(&self, x: &Tensor, base_out: &Tensor) -> Result<Tensor> {
         let a = &self.adapter;
-        a.enter();
+        let _exclusive = a.enter();
         a.plugin
             .transport
             .forward_linear(a.instance, &self.module, x, base_out)
@@ -107,6 +107,7 @@ impl MethodAdapter {
             ctx,
         ));
         let t = plugin.transport.clone();
+        let _exclusive = t.exclusive();
         t.set_session(Some(session.clone()));
         let config_text = config.to_string();
         let instance = t.create_method(&config_text)?;
@@ -172,11 +173,14 @@ impl MethodAdapter {
         Ok(adapter)
     }
 
-    /// Points the plugin's calls at this adapter's session (one plugin may serve several).
-    fn enter(&self) {
+    /// Points the plugin's calls at this adapter's session (one plugin may serve several
+    /// models, from several threads) and keeps it there until the guard drops.
+    fn enter(&self) -> std::sync::MutexGuard<'_, ()> {
+        let guard = self.plugin.transport.exclusive();
         self.plugin
             .transport
             .set_session(Some(self.session.clone()));
+        guard
     }
 
     /// Installs this adapter's hooks on `model` (replacing another adapter's) and makes its
@@ -231,19 +235,19 @@ impl MethodAdapter {
 
     /// `ΔW` `[out, in]` of a wrapped module, when the method can be merged.
     pub fn delta_weight(&self, module: &str) -> Result<Option<Tensor>> {
-        self.enter();
+        let _exclusive = self.enter();
         self.plugin.transport.delta_weight(self.instance, module)
     }
 
     /// The method's extra loss term for the current step.
     pub fn loss_term(&self) -> Result<Option<Tensor>> {
-        self.enter();
+        let _exclusive = self.enter();
         self.plugin.transport.loss_term(self.instance)
     }
 
     /// Notifies the method of a lifecycle event.
     pub fn on_event(&self, event: &Event) -> Result<()> {
-        self.enter();
+        let _exclusive = self.enter();
         self.plugin.transport.on_event(self.instance, event)
     }
 }

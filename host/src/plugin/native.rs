@@ -319,6 +319,8 @@ pub struct NativePlugin {
     vtable: &'static WsPluginVtable,
     /// Serialises calls: the plugin's result buffers are valid until its next call.
     call: Mutex<()>,
+    /// Held across a session switch and the calls that use it.
+    exclusive: Mutex<()>,
 }
 
 impl std::fmt::Debug for NativePlugin {
@@ -412,6 +414,7 @@ impl NativePlugin {
             ctx,
             vtable,
             call: Mutex::new(()),
+            exclusive: Mutex::new(()),
         });
         all.insert(canonical, plugin.clone());
         Ok(plugin)
@@ -489,6 +492,10 @@ impl Transport for NativePlugin {
 
     fn set_session(&self, session: Option<Arc<Session>>) {
         self.state().set_session(session);
+    }
+
+    fn exclusive(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.exclusive)
     }
 
     fn live_handles(&self) -> usize {

@@ -18,6 +18,9 @@ pub trait Transport: Send + Sync {
     fn metadata_json(&self) -> Result<String>;
     /// Attaches the session (model) later calls act on.
     fn set_session(&self, session: Option<Arc<Session>>);
+    /// Exclusive use of the plugin for a session switch and the calls that follow it: one
+    /// loaded plugin may serve several models, from several threads.
+    fn exclusive(&self) -> std::sync::MutexGuard<'_, ()>;
     /// Live handles the plugin holds (leak diagnostics and tests).
     fn live_handles(&self) -> usize;
 

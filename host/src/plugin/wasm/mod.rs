@@ -55,6 +55,7 @@ pub struct WasmPlugin {
     limits: Limits,
     deadline_ticks: u64,
     inner: Mutex<Inner>,
+    exclusive: Mutex<()>,
 }
 
 impl std::fmt::Debug for WasmPlugin {
@@ -129,6 +130,7 @@ impl WasmPlugin {
                 plugin,
                 failed: None,
             }),
+            exclusive: Mutex::new(()),
         })
     }
 
@@ -234,6 +236,10 @@ fn linear_wit(l: &LinearInfo) -> wit::LinearInfo {
 impl Transport for WasmPlugin {
     fn metadata_json(&self) -> Result<String> {
         self.call("metadata", |g, s| g.call_metadata(s).map(Ok))
+    }
+
+    fn exclusive(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.exclusive)
     }
 
     fn set_session(&self, session: Option<Arc<Session>>) {
