@@ -13,7 +13,7 @@
 //! - [`recipe`]: the TOML recipe that describes a fine-tuning run;
 //! - [`assets`]: fetching and verifying the real models and datasets;
 //! - [`plugin`]: PEFT methods, losses and data loaders as native or WebAssembly plugins;
-//! - [`bench`]: measured figures (step time, tokens/s, peak RSS).
+//! - [`bench`](mod@bench): measured figures (step time, tokens/s, peak RSS).
 
 pub mod adapter;
 pub mod assets;

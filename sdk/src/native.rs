@@ -1,5 +1,5 @@
 //! The native transport: host calls through the host's [`WsHostApi`], and the plugin's
-//! [`WsPluginVtable`] whose entries adapt C arguments to [`crate::runtime`].
+//! [`WsPluginVtable`] whose entries adapt C arguments to the plugin-side runtime (`runtime.rs`).
 
 use std::cell::RefCell;
 use std::sync::OnceLock;

@@ -1,6 +1,6 @@
 //! Reading Llama-family weights and configuration from a GGUF file (llama.cpp's format).
 //!
-//! The file is parsed by candle's [`gguf_file::Content`]; every tensor is dequantized to f32 and
+//! The file is parsed by candle's [`candle_core::quantized::gguf_file::Content`]; every tensor is dequantized to f32 and
 //! renamed to its Hugging Face name (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`).
 //! llama.cpp stores the rows of the q and k projections in an interleaved rotary order; they are
 //! un-permuted here to Hugging Face's "rotate half" layout, so the rest of the host (and PEFT

@@ -4,7 +4,7 @@
 //! - [`Trainer`] takes one optimizer step over a set of micro-batches;
 //! - [`fit`] runs the whole loop over prepared examples (epochs, accumulation, evaluation,
 //!   checkpoints, resume, cancellation);
-//! - [`run`] does everything a recipe asks: device, model, method, data, then [`fit`].
+//! - [`run`](fn@run) does everything a recipe asks: device, model, method, data, then [`fit`].
 
 pub mod answers;
 pub mod checkpoint;

@@ -156,7 +156,7 @@ pub struct FitData<'a> {
 }
 
 /// Makes the parameters the method names trainable (and freezes the rest). A plugin method is
-/// loaded and attached (see [`attach_method`]).
+/// loaded and attached (see [`apply_method_with_plugins`]).
 pub fn apply_method(model: &dyn Model, method: &MethodSpec) -> Result<()> {
     apply_method_with_plugins(model, method, &[], 0).map(|_| ())
 }
