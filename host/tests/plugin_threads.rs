@@ -29,26 +29,14 @@ fn lora(out: &Path) -> Manifest {
 #[test]
 fn one_plugin_serves_models_on_several_threads() {
     use candle_core::{Device, Tensor};
-    use whetstone_host::model::llama::{Llama, LlamaConfig};
+    use whetstone_host::model::llama::Llama;
     use whetstone_host::model::{Mode, Model};
     use whetstone_host::plugin::method::MethodAdapter;
     use whetstone_host::plugin::Plugin;
 
     let out = tempfile::tempdir().unwrap();
     let plugin = Plugin::load(&lora(out.path()), TransportKind::Native).unwrap();
-    let config = LlamaConfig {
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 64,
-        vocab_size: 50,
-        tie_word_embeddings: false,
-        attention_bias: false,
-    };
+    let config = whetstone_host::plugin::conformance::tiny_config();
     let threads: Vec<_> = (0..2u64)
         .map(|t| {
             let plugin = plugin.clone();

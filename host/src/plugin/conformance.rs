@@ -29,6 +29,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 pub use checks::{MERGE_TOLERANCE, ROUND_TRIP_TOLERANCE, TRAIN_STEPS, TRANSPORT_TOLERANCE};
+pub use fixture::tiny_config;
 
 use super::{Manifest, Plugin, TransportKind};
 use crate::Result;
