@@ -20,19 +20,19 @@ pub enum PluginCommand {
         #[arg(long, value_name = "PARENT", default_value = ".")]
         dir: PathBuf,
     },
-    /// Build a plugin crate and install the builds with their plugin.toml (the native build
+    /// Build plugin crates and install the builds with their plugin.toml (the native build
     /// unless --wasm is given; both flags for both).
     Build {
-        /// The crate's folder.
+        /// The crates' folders (`plugins/*` builds every first-party plugin).
         #[arg(default_value = ".")]
-        path: PathBuf,
+        paths: Vec<PathBuf>,
         /// Build the native library.
         #[arg(long)]
         native: bool,
         /// Build the WebAssembly component.
         #[arg(long)]
         wasm: bool,
-        /// Install here instead of the plugin directory's `<id>/`.
+        /// Install here instead of the plugin directory's `<id>/` (one crate only).
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
         /// Build the native library with optimisations (the wasm build always is).
@@ -72,20 +72,25 @@ pub fn run(command: PluginCommand) -> Result<()> {
     match command {
         PluginCommand::New { name, dir } => new(&name, &dir),
         PluginCommand::Build {
-            path,
+            paths,
             native,
             wasm,
             out,
             release,
         } => {
-            let manifest = build_crate(&path, native, wasm, out, release)?;
-            println!(
-                "built `{}` {} ({}) into {}",
-                manifest.id,
-                manifest.version,
-                transports(&manifest),
-                manifest.dir.join(MANIFEST_FILE).display()
-            );
+            if out.is_some() && paths.len() > 1 {
+                bail!("--out installs one plugin; give one crate, or drop --out to install each into the plugin directory");
+            }
+            for path in &paths {
+                let manifest = build_crate(path, native, wasm, out.clone(), release)?;
+                println!(
+                    "built `{}` {} ({}) into {}",
+                    manifest.id,
+                    manifest.version,
+                    transports(&manifest),
+                    manifest.dir.join(MANIFEST_FILE).display()
+                );
+            }
             Ok(())
         }
         PluginCommand::List => list(),

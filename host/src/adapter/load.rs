@@ -40,13 +40,9 @@ pub struct AdapterConfig {
 }
 
 /// The plugin id of a PEFT method: `peft_type` in lower case with `_` as `-` (`LORA` → `lora`,
-/// `PROMPT_TUNING` → `prompt-tuning`); a LoRA config with `use_dora: true` names `dora`.
-pub fn plugin_id(peft_type: &str, config: &Value) -> String {
-    let id = peft_type.to_lowercase().replace('_', "-");
-    if id == "lora" && config.get("use_dora").and_then(Value::as_bool) == Some(true) {
-        return "dora".into();
-    }
-    id
+/// `PROMPT_TUNING` → `prompt-tuning`). DoRA is LoRA with `use_dora: true`, so it stays `lora`.
+pub fn plugin_id(peft_type: &str) -> String {
+    peft_type.to_lowercase().replace('_', "-")
 }
 
 /// Reads `dir/adapter_config.json`.
@@ -71,7 +67,7 @@ pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
         .ok_or_else(|| Error::bad_file(&path, "has no `peft_type` string (e.g. \"LORA\")"))?
         .to_string();
     Ok(AdapterConfig {
-        plugin_id: plugin_id(&peft_type, &json),
+        plugin_id: plugin_id(&peft_type),
         peft_type,
         json,
     })
@@ -255,12 +251,12 @@ mod tests {
 
     #[test]
     fn peft_types_map_to_plugin_ids() {
-        let none = serde_json::json!({});
-        assert_eq!(plugin_id("LORA", &none), "lora");
-        assert_eq!(plugin_id("PROMPT_TUNING", &none), "prompt-tuning");
-        assert_eq!(plugin_id("IA3", &none), "ia3");
-        let dora = serde_json::json!({"use_dora": true});
-        assert_eq!(plugin_id("LORA", &dora), "dora");
+        assert_eq!(plugin_id("LORA"), "lora");
+        assert_eq!(plugin_id("PROMPT_TUNING"), "prompt-tuning");
+        assert_eq!(plugin_id("IA3"), "ia3");
+        for id in ["lora", "prompt-tuning", "ia3", "ln-tuning"] {
+            assert_eq!(plugin_id(&crate::adapter::save::peft_type(id)), id);
+        }
     }
 
     #[test]

@@ -10,10 +10,12 @@
 
 pub mod load;
 mod merge;
-mod save;
+pub mod save;
 mod set;
 
 pub use load::{load, read_config, AdapterConfig, DEFAULT_ADAPTER_NAME};
 pub use merge::{merge, write_merged, MERGED_WEIGHTS_FILE};
-pub use save::{peft_key, save, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_KEY_PREFIX};
+pub use save::{
+    peft_key, peft_type, save, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_KEY_PREFIX,
+};
 pub use set::AdapterSet;

@@ -29,6 +29,12 @@ fn task_type(model: &dyn Model) -> &'static str {
     }
 }
 
+/// PEFT's `peft_type` for a plugin id: upper case with `-` as `_` (`prompt-tuning` →
+/// `PROMPT_TUNING`), the inverse of [`super::load::plugin_id`].
+pub fn peft_type(plugin_id: &str) -> String {
+    plugin_id.to_uppercase().replace('-', "_")
+}
+
 /// Writes `method`'s parameters (and the base parameters it trains, e.g. `modules_to_save`) and
 /// its configuration to `dir` as PEFT does. `base_model` goes to `base_model_name_or_path`.
 pub fn save(model: &dyn Model, method: &MethodAdapter, base_model: &str, dir: &Path) -> Result<()> {
@@ -52,7 +58,7 @@ pub fn save(model: &dyn Model, method: &MethodAdapter, base_model: &str, dir: &P
     let mut set_default = |k: &str, v: Value| {
         config.entry(k.to_string()).or_insert(v);
     };
-    set_default("peft_type", Value::from(method.plugin.id().to_uppercase()));
+    set_default("peft_type", Value::from(peft_type(method.plugin.id())));
     set_default("task_type", Value::from(task_type(model)));
     set_default("base_model_name_or_path", Value::from(base_model));
     set_default("inference_mode", Value::Bool(true));

@@ -1,0 +1,62 @@
+//! The first-party method catalogue (`plugins/*`) through the conformance suite: each plugin is
+//! built natively, and for wasm32 too when this machine has the toolchain (then the native ==
+//! wasm check runs as well), and must pass every check on every build. `WHETSTONE_REQUIRE_WASM`
+//! (set by CI) makes a missing toolchain a failure.
+//!
+//! LoRA itself has its own, more detailed test in `plugin_conformance.rs`.
+
+// Tests may unwrap: a panic is how a test reports a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use whetstone_host::plugin::build::{self, BuildOptions};
+use whetstone_host::plugin::conformance::{self, Report, Status};
+
+/// Builds `plugins/<crate_dir>` (native, and wasm when possible) into a temporary folder and
+/// runs the conformance suite with `config` on every build. Returns the report after asserting
+/// that it passed.
+fn check_plugin(crate_dir: &str, config: Value) -> Report {
+    let wasm = build::wasm_toolchain_available();
+    if !wasm {
+        let why = build::missing_wasm_toolchain();
+        assert!(
+            std::env::var_os("WHETSTONE_REQUIRE_WASM").is_none(),
+            "{why}"
+        );
+        eprintln!("checking the native build only: {why}");
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins")
+        .join(crate_dir);
+    let out = tempfile::tempdir().unwrap();
+    let opts = BuildOptions {
+        native: true,
+        wasm,
+        out_dir: Some(out.path().to_path_buf()),
+        release: false,
+    };
+    let start = Instant::now();
+    let manifest = build::build(&dir, &opts).unwrap();
+    eprintln!("built `{}` in {:.1?}", manifest.id, start.elapsed());
+    let report = conformance::check(&manifest, &[], config).unwrap();
+    eprintln!("{report}");
+    assert!(report.passed(), "{report}");
+    if wasm {
+        let cross = report.checks.iter().find(|c| c.name == "native-wasm");
+        assert_eq!(cross.map(|c| c.status), Some(Status::Pass), "{report}");
+    }
+    report
+}
+
+/// The figure a check reported on the first build it ran on.
+#[allow(dead_code)]
+fn figure(report: &Report, check: &str) -> Option<f64> {
+    report
+        .checks
+        .iter()
+        .find(|c| c.name == check)
+        .and_then(|c| c.figure)
+}
