@@ -60,3 +60,16 @@ fn figure(report: &Report, check: &str) -> Option<f64> {
         .find(|c| c.name == check)
         .and_then(|c| c.figure)
 }
+
+/// DoRA is LoRA with `use_dora`: the magnitude vector trains with A and B, and the merged
+/// weight `m · (W + s·B·A) / ‖W + s·B·A‖` reproduces the hooked model.
+#[test]
+fn dora_passes_conformance() {
+    let report = check_plugin(
+        "lora",
+        json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": true}),
+    );
+    assert_eq!(figure(&report, "inject"), Some(4.0));
+    let merge = report.checks.iter().find(|c| c.name == "merge");
+    assert_eq!(merge.map(|c| c.status), Some(Status::Pass), "{report}");
+}

@@ -78,6 +78,9 @@ pub struct LoraConfig {
     /// rsLoRA scaling `alpha / sqrt(r)`.
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA: a trainable magnitude per output row times the normalised adapted weight.
+    #[serde(default)]
+    pub use_dora: bool,
     /// Which biases train.
     #[serde(default)]
     pub bias: Bias,
@@ -135,7 +138,6 @@ impl LoraConfig {
                 continue;
             }
             let hint = match field.as_str() {
-                "use_dora" => " (DoRA is a separate plugin)",
                 "fan_in_fan_out" => " (GPT-2 Conv1D weights are not supported)",
                 _ => "",
             };
@@ -222,6 +224,12 @@ pub fn fields() -> Vec<ConfigField> {
             "scaling = lora_alpha / sqrt(r) (rsLoRA)",
         ),
         field(
+            "use_dora",
+            "bool",
+            "false",
+            "DoRA: W' = m · (W + s·B·A) / ‖W + s·B·A‖ with a trainable magnitude m per output row",
+        ),
+        field(
             "bias",
             "\"none\" | \"all\" | \"lora_only\"",
             "\"none\"",
@@ -279,9 +287,15 @@ mod tests {
                 "qalora_group_size": 16, "lora_bias": false, "target_parameters": null}"#,
         );
         ok.validate().unwrap();
-        let dora = parse(r#"{"use_dora": true}"#);
-        let err = dora.validate().unwrap_err().to_string();
-        assert!(err.contains("use_dora") && err.contains("DoRA"), "{err}");
+        let dora = parse(r#"{"use_dora": true, "peft_type": "LORA"}"#);
+        dora.validate().unwrap();
+        assert!(dora.use_dora && !parse("{}").use_dora);
+        let conv = parse(r#"{"fan_in_fan_out": true}"#);
+        let err = conv.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("fan_in_fan_out") && err.contains("Conv1D"),
+            "{err}"
+        );
         let bad: std::result::Result<LoraConfig, _> =
             serde_json::from_str(r#"{"init_lora_weights": "pissa"}"#);
         assert!(bad.unwrap_err().to_string().contains("pissa"));

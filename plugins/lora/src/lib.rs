@@ -1,4 +1,4 @@
-//! LoRA as a Whetstone plugin, with Hugging Face PEFT's configuration and formulas.
+//! LoRA and DoRA as a Whetstone plugin, with Hugging Face PEFT's configuration and formulas.
 //!
 //! Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models": a frozen linear layer
 //! `W` gets a trainable low-rank update, `y = W x + B A dropout(x) · scaling` with `A` `[r, in]`,
@@ -7,8 +7,18 @@
 //! Stabilization Scaling Factor for Fine-Tuning with LoRA"). Parameters are saved as PEFT names
 //! them (`<module>.lora_A.weight`, `<module>.lora_B.weight`), so adapters move both ways
 //! between Whetstone and Python.
+//!
+//! With `use_dora: true` (PEFT's switch; the adapter stays `peft_type: LORA`), the update is
+//! DoRA — Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation": the adapted weight is
+//! a trainable magnitude `m` `[out]` times a unit direction,
+//! `W' = m · (W + s·B·A) / ‖W + s·B·A‖` (norm per output row, treated as a constant for
+//! autograd as in the paper's §4.3), so
+//! `y = W x + b + (m/‖·‖ − 1) · W x + (m/‖·‖) · B A dropout(x) · s`. `m` starts at the row
+//! norms of the initial `W + s·B·A` (`‖W‖` with `B = 0`) and is saved as PEFT saves it,
+//! `<module>.lora_magnitude_vector`. Merging folds in `ΔW = W' − W`.
 
 mod config;
+mod dora;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -18,7 +28,7 @@ use whetstone_sdk::targets::default_targets;
 
 pub use config::{Bias, InitLoraWeights, LoraConfig};
 
-/// The LoRA method.
+/// The LoRA method (DoRA with `use_dora`).
 pub struct Lora {
     cfg: LoraConfig,
     default_targets: Option<ModuleSelector>,
@@ -106,6 +116,9 @@ impl PeftMethod for Lora {
         };
         layer.add_param("lora_A.weight", &[r, layer.in_features()], init_a)?;
         layer.add_param("lora_B.weight", &[layer.out_features(), r], init_b)?;
+        if self.cfg.use_dora {
+            dora::add_magnitude(layer, scaling)?;
+        }
         let name = layer.name().to_string();
         self.scaling
             .lock()
@@ -120,6 +133,9 @@ impl PeftMethod for Lora {
 
     fn forward_linear(&self, layer: &Linear, x: &Tensor, base_out: &Tensor) -> Result<Tensor> {
         let scaling = self.scaling_of(layer.name())?;
+        if self.cfg.use_dora {
+            return dora::forward(layer, x, base_out, scaling, self.cfg.lora_dropout);
+        }
         let h = layer
             .dropout(x, self.cfg.lora_dropout)?
             .matmul_t(layer.param("lora_A.weight")?)?;
@@ -128,6 +144,9 @@ impl PeftMethod for Lora {
 
     fn delta_weight(&self, layer: &Linear) -> Result<Option<Tensor>> {
         let scaling = self.scaling_of(layer.name())?;
+        if self.cfg.use_dora {
+            return dora::delta_weight(layer, scaling).map(Some);
+        }
         let b = layer.param("lora_B.weight")?;
         let a = layer.param("lora_A.weight")?;
         Ok(Some(b.matmul(a)?.scale(scaling)?))
