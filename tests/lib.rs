@@ -18,33 +18,50 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The `plugin.toml` of the first-party LoRA plugin's native build, built on first use with
-/// `cargo build -p whetstone-lora` (dev profile) and written beside the library (tests only;
-/// panics when the build fails).
+/// The `plugin.toml` of the first-party LoRA plugin's native build (see [`method_plugin`]).
 pub fn lora_plugin() -> PathBuf {
-    static MANIFEST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    MANIFEST.get_or_init(build_lora_plugin).clone()
+    method_plugin("lora")
 }
 
-fn build_lora_plugin() -> PathBuf {
+/// The `plugin.toml` of first-party plugin `id`'s native build (crate `whetstone-<id>` under
+/// `plugins/`), built on first use with `cargo build -p whetstone-<id>` (dev profile) and
+/// written beside the library (tests only; panics when the build fails).
+pub fn method_plugin(id: &str) -> PathBuf {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static MANIFESTS: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    // Held while building: one cargo at a time, and every plugin is built once per process.
+    let mut built = MANIFESTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    built
+        .entry(id.to_string())
+        .or_insert_with(|| build_plugin(id))
+        .clone()
+}
+
+fn build_plugin(id: &str) -> PathBuf {
+    let package = format!("whetstone-{id}");
+    let target = package.replace('-', "_");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = std::process::Command::new(cargo)
         .current_dir(repo_root())
         .args([
             "build",
             "-p",
-            "whetstone-lora",
+            &package,
             "--message-format=json-render-diagnostics",
         ])
         .stderr(std::process::Stdio::inherit())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build the LoRA plugin: {e}"));
-    assert!(output.status.success(), "building whetstone-lora failed");
+        .unwrap_or_else(|e| panic!("cannot run cargo to build {package}: {e}"));
+    assert!(output.status.success(), "building {package} failed");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let library = stdout
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "whetstone_lora")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == target.as_str())
         .flat_map(|m| {
             m["filenames"]
                 .as_array()
@@ -59,15 +76,15 @@ fn build_lora_plugin() -> PathBuf {
                 Some("so" | "dylib" | "dll")
             )
         })
-        .unwrap_or_else(|| panic!("cargo reported no native library for whetstone-lora"));
+        .unwrap_or_else(|| panic!("cargo reported no native library for {package}"));
     let dir = library
         .parent()
         .unwrap_or_else(|| panic!("{} has no directory", library.display()))
-        .join("whetstone-lora-plugin");
+        .join(format!("{package}-plugin"));
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     let manifest = format!(
-        "id = \"lora\"\nversion = \"0.1.0\"\nkinds = [\"method\"]\nsdk_version = \"0.1.0\"\n\
+        "id = \"{id}\"\nversion = \"0.1.0\"\nkinds = [\"method\"]\nsdk_version = \"0.1.0\"\n\
          contract = \"0.1\"\n\n[artifacts]\nnative = {:?}\n",
         library.display().to_string()
     );

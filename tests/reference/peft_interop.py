@@ -2,18 +2,22 @@
 
 Two directions:
 
-* ``generate [OUT]`` (default ``tests/fixtures/peft``) writes, for a tiny random
-  LlamaForCausalLM and a tiny random BertForSequenceClassification, the base model
+* ``generate [OUT] [NAME ...]`` (default ``tests/fixtures/peft``, every fixture) writes, for a
+  tiny random LlamaForCausalLM and a tiny random BertForSequenceClassification, the base model
   (``model/``: config.json, model.safetensors, tokenizer.json), a PEFT LoRA adapter saved with
   ``save_pretrained`` (``adapter/``) and ``expected.json`` with fixed inputs and the outputs of
-  the model with the adapter. ``tests/tests/peft_interop.rs`` loads both through Whetstone's
-  adapter loader and compares.
-* ``check DIR`` loads the adapters Whetstone wrote (``DIR/{llama,bert}/adapter``, by
+  the model with the adapter. The ``llama-<method>`` fixtures hold only ``adapter/`` and
+  ``expected.json`` for other methods on the same tiny Llama (``llama/model``): DoRA (LoRA with
+  ``use_dora``), IA3, LoHa and LoKr, every adapter parameter multiplied by ``1 + 0.2·N(0, 1)``
+  after creation so that none is at its identity value. Naming fixtures (``llama``, ``bert``,
+  ``llama-dora``, ...) writes only those. ``tests/tests/peft_interop.rs`` loads them through
+  Whetstone's adapter loader and compares.
+* ``check DIR`` loads the adapters Whetstone wrote (``DIR/<fixture>/adapter``, by
   ``WHETSTONE_PEFT_OUT=DIR cargo test -p whetstone-tests --test peft_interop``) with
   ``PeftModel.from_pretrained`` onto the fixture models and compares with the outputs Whetstone
-  recorded (``DIR/{llama,bert}/ours.json``); the merged models Whetstone wrote
-  (``DIR/{llama,bert}/merged``) are loaded with plain transformers and compared the same way.
-  Exits 1 above the tolerance.
+  recorded (``DIR/<fixture>/ours.json``); the merged models Whetstone wrote
+  (``DIR/<fixture>/merged``) are loaded with plain transformers and compared the same way.
+  Fixtures without ``ours.json`` are skipped. Exits 1 above the tolerance.
 
 BERT: Hugging Face's BertForSequenceClassification classifies the tanh ``pooler`` of the [CLS]
 state; Whetstone's head classifies the mean of the token states (no pooler). So the BERT
@@ -30,7 +34,7 @@ import os
 import sys
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
@@ -136,8 +140,7 @@ def write_json(path, value):
         json.dump(value, f)
 
 
-def generate(out):
-    # (a) Llama
+def generate_llama(out):
     d = os.path.join(out, "llama")
     base = llama_base()
     base.save_pretrained(os.path.join(d, "model"), safe_serialization=True)
@@ -161,7 +164,8 @@ def generate(out):
     expected.update(llama_outputs(peft_model, LLAMA_IDS, LLAMA_MASK))
     write_json(os.path.join(d, "expected.json"), expected)
 
-    # (b) BERT sequence classification
+
+def generate_bert(out):
     d = os.path.join(out, "bert")
     base = bert_base()
     base.save_pretrained(os.path.join(d, "model"), safe_serialization=True)
@@ -190,7 +194,73 @@ def generate(out):
     expected = {"input_ids": BERT_IDS, "attention_mask": BERT_MASK}
     expected.update(bert_outputs(peft_model, BERT_IDS, BERT_MASK))
     write_json(os.path.join(d, "expected.json"), expected)
-    print(f"fixtures written to {out}")
+
+
+def method_config(method):
+    """The PEFT config of a ``llama-<method>`` fixture (all on the tiny Llama)."""
+    if method == "dora":
+        return LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=0.0,
+            init_lora_weights=False,
+            use_dora=True,
+            task_type="CAUSAL_LM",
+        )
+    if method == "ia3":
+        return IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"],
+            task_type="CAUSAL_LM",
+        )
+    if method == "loha":
+        return LoHaConfig(
+            r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False,
+            task_type="CAUSAL_LM",
+        )
+    if method == "lokr":
+        return LoKrConfig(
+            r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False,
+            task_type="CAUSAL_LM",
+        )
+    raise SystemExit(f"unknown method {method}")
+
+
+METHODS = ["dora", "ia3", "loha", "lokr"]
+FIXTURES = ["llama", "bert"] + [f"llama-{m}" for m in METHODS]
+
+
+def generate_method(out, index, method):
+    """``llama-<method>/``: a PEFT adapter of ``method`` on the tiny Llama, every adapter
+    parameter perturbed (IA3 starts at ones, DoRA's magnitude at the weight norms), and the
+    outputs. The base model is ``llama/model``."""
+    d = os.path.join(out, f"llama-{method}")
+    base = llama_base()
+    torch.manual_seed(SEED + 10 + index)
+    peft_model = get_peft_model(base, method_config(method)).eval()
+    with torch.no_grad():
+        for _, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    save_adapter(peft_model, os.path.join(d, "adapter"))
+    expected = {"input_ids": LLAMA_IDS, "attention_mask": LLAMA_MASK}
+    expected.update(llama_outputs(peft_model, LLAMA_IDS, LLAMA_MASK))
+    write_json(os.path.join(d, "expected.json"), expected)
+
+
+def generate(out, names):
+    unknown = [n for n in names if n not in FIXTURES]
+    if unknown:
+        raise SystemExit(f"unknown fixtures {unknown}; known: {', '.join(FIXTURES)}")
+    if "llama" in names:
+        generate_llama(out)
+    if "bert" in names:
+        generate_bert(out)
+    for index, method in enumerate(METHODS):
+        if f"llama-{method}" in names:
+            generate_method(out, index, method)
+    print(f"fixtures {', '.join(names)} written to {out}")
 
 
 def max_diff(a, b, mask=None, per_token=False):
@@ -205,20 +275,22 @@ def max_diff(a, b, mask=None, per_token=False):
 
 def check(dir_, fixtures):
     worst = 0.0
-    for name, load_base, outputs in [
-        ("llama", LlamaForCausalLM, llama_outputs),
-        ("bert", BertForSequenceClassification, bert_outputs),
-    ]:
+    for name in FIXTURES:
+        kind = name.split("-")[0]  # the base model: llama-dora runs on llama/model
+        load_base, outputs = {
+            "llama": (LlamaForCausalLM, llama_outputs),
+            "bert": (BertForSequenceClassification, bert_outputs),
+        }[kind]
         ours_path = os.path.join(dir_, name, "ours.json")
         if not os.path.exists(ours_path):
             print(f"{name}: {ours_path} missing, skipped")
             continue
         with open(ours_path) as f:
             ours = json.load(f)
-        base = load_base.from_pretrained(os.path.join(fixtures, name, "model")).eval()
+        base = load_base.from_pretrained(os.path.join(fixtures, kind, "model")).eval()
         model = PeftModel.from_pretrained(base, os.path.join(dir_, name, "adapter")).eval()
         theirs = outputs(model, ours["input_ids"], ours["attention_mask"])
-        d = max_diff(ours["logits"], theirs["logits"], ours["attention_mask"], name == "llama")
+        d = max_diff(ours["logits"], theirs["logits"], ours["attention_mask"], kind == "llama")
         print(f"{name}: max |Δlogits| (Whetstone adapter in PEFT vs Whetstone) = {d:.3e}")
         worst = max(worst, d)
         merged_dir = os.path.join(dir_, name, "merged")
@@ -226,7 +298,7 @@ def check(dir_, fixtures):
             merged = load_base.from_pretrained(merged_dir).eval()
             theirs = outputs(merged, ours["input_ids"], ours["attention_mask"])
             d = max_diff(
-                ours["logits"], theirs["logits"], ours["attention_mask"], name == "llama"
+                ours["logits"], theirs["logits"], ours["attention_mask"], kind == "llama"
             )
             print(f"{name}: max |Δlogits| (Whetstone merged model in transformers) = {d:.3e}")
             worst = max(worst, d)
@@ -241,9 +313,10 @@ def main():
     torch.set_num_threads(1)
     args = sys.argv[1:]
     if not args or args[0] not in ("generate", "check"):
-        raise SystemExit("usage: peft_interop.py generate [OUT] | check DIR")
+        raise SystemExit("usage: peft_interop.py generate [OUT] [NAME ...] | check DIR")
     if args[0] == "generate":
-        generate(args[1] if len(args) > 1 else fixtures)
+        out = args[1] if len(args) > 1 else fixtures
+        generate(out, args[2:] or FIXTURES)
     else:
         if len(args) < 2:
             raise SystemExit("usage: peft_interop.py check DIR")

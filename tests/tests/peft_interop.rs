@@ -3,9 +3,13 @@
 //!
 //! - PEFT → Whetstone: the LoRA adapters Python PEFT saved load through `adapter::load` onto the
 //!   fixture models and reproduce PEFT's outputs (max |Δ| ≤ 1e-4); merged into the base weights
-//!   and written as a model directory, they reproduce the adapter model's logits (≤ 1e-5).
-//! - Whetstone → PEFT: adapters Whetstone creates (random A and B, a changed classifier) are
-//!   saved with `adapter::save` together with Whetstone's outputs and the merged model
+//!   and written as a model directory, they reproduce the adapter model's logits (≤ 1e-5). The
+//!   same for DoRA (the `lora` plugin with `use_dora`), IA3, LoHa and LoKr on the tiny Llama
+//!   (`llama-<method>/`), each through its first-party plugin (`plugins/<id>`, built on first
+//!   use).
+//! - Whetstone → PEFT: adapters Whetstone creates (random A and B, a changed classifier; for the
+//!   other methods every parameter perturbed away from its initial value) are saved with
+//!   `adapter::save` together with Whetstone's outputs and the merged model
 //!   (`adapter::write_merged`). Python cannot run here, so the check is a command:
 //!
 //!   ```sh
@@ -29,7 +33,7 @@ use whetstone_host::model::{hf, Mode, Model};
 use whetstone_host::plugin::discover;
 use whetstone_host::plugin::method::MethodAdapter;
 use whetstone_host::plugin::{Plugin, TransportKind};
-use whetstone_tests::{lora_plugin, repo_root};
+use whetstone_tests::{lora_plugin, method_plugin, repo_root};
 
 /// PEFT → Whetstone tolerance on outputs.
 const INTEROP_TOL: f32 = 1e-4;
@@ -108,8 +112,9 @@ fn load_model(name: &str, task: TaskSpec) -> Result<LoadedModel> {
     Ok(load::load(&spec, &Device::Cpu, 0)?)
 }
 
-fn lora() -> Result<Plugin> {
-    let manifest = discover::find("lora", &[lora_plugin()])?;
+/// First-party plugin `id`, native.
+fn plugin(id: &str) -> Result<Plugin> {
+    let manifest = discover::find(id, &[method_plugin(id)])?;
     Ok(Plugin::load(&manifest, TransportKind::Native)?)
 }
 
@@ -163,6 +168,49 @@ fn llama_lora_from_peft_reproduces_python() -> Result<()> {
     ensure!(d <= INTEROP_TOL, "llama logits differ from PEFT's by {d}");
     check_merge(&loaded, &adapter, TaskSpec::CausalLm, &expected, &logits)?;
     Ok(())
+}
+
+/// `llama-<method>`: the PEFT adapter loads through plugin `plugin_id` onto the fixture Llama,
+/// wraps `wrapped` modules, reproduces PEFT's logits and merges.
+fn method_from_peft(method: &str, plugin_id: &str, wrapped: usize) -> Result<()> {
+    let name = format!("llama-{method}");
+    let expected = read_json(&fixture(&name).join("expected.json"))?;
+    let loaded = load_model("llama", TaskSpec::CausalLm)?;
+    let model = loaded.model.as_ref();
+    let adapter = adapter::load(
+        model,
+        &fixture(&name).join("adapter"),
+        "default",
+        &[method_plugin(plugin_id)],
+    )?;
+    assert_eq!(adapter.wrapped_modules().len(), wrapped);
+    let logits = forward(model, &expected)?;
+    let mask = ids(&expected["attention_mask"])?;
+    let d = max_diff(&logits, &floats(&expected["logits"])?, Some(&mask))?;
+    eprintln!("{name}: max |Δlogits| PEFT → Whetstone = {d:.3e}");
+    ensure!(d <= INTEROP_TOL, "{name} logits differ from PEFT's by {d}");
+    check_merge(&loaded, &adapter, TaskSpec::CausalLm, &expected, &logits)?;
+    Ok(())
+}
+
+#[test]
+fn llama_dora_from_peft_reproduces_python() -> Result<()> {
+    method_from_peft("dora", "lora", 4)
+}
+
+#[test]
+fn llama_ia3_from_peft_reproduces_python() -> Result<()> {
+    method_from_peft("ia3", "ia3", 6)
+}
+
+#[test]
+fn llama_loha_from_peft_reproduces_python() -> Result<()> {
+    method_from_peft("loha", "loha", 4)
+}
+
+#[test]
+fn llama_lokr_from_peft_reproduces_python() -> Result<()> {
+    method_from_peft("lokr", "lokr", 4)
 }
 
 /// The fixture BERT as the concrete type (for its hidden states), mean pooling.
@@ -334,20 +382,65 @@ fn out_dir() -> Result<(Option<tempfile::TempDir>, PathBuf)> {
     }
 }
 
-/// Attaches LoRA with random A and B on fixture `name`, saves it as PEFT does with Whetstone's
-/// outputs, and checks the saved adapter loads back to the same outputs.
-fn write_for_python(name: &str, task: TaskSpec, config: Value, out: &Path) -> Result<()> {
-    let inputs = read_json(&fixture(name).join("expected.json"))?;
-    let loaded = load_model(name, task)?;
+/// Deterministic noise in `[-1, 1)` shaped like `t` (a xorshift stream from `seed`).
+fn noise_like(t: &Tensor, seed: u64) -> Result<Tensor> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let values: Vec<f32> = (0..t.elem_count())
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, t.dims(), t.device())?.to_dtype(t.dtype())?)
+}
+
+/// What a Whetstone adapter for the reverse check is: the plugin, its configuration, and
+/// whether its own parameters are perturbed (`p · (1 + 0.2·u) + 0.05·v`, `u`, `v` noise) so
+/// that none is at its initial value (IA3's ones, DoRA's weight norms, zero factors).
+struct ForPython<'a> {
+    /// The output folder under `$WHETSTONE_PEFT_OUT` (a fixture name).
+    name: &'a str,
+    /// The fixture whose model and inputs are used.
+    base: &'a str,
+    task: TaskSpec,
+    plugin: &'a str,
+    config: Value,
+    perturb: bool,
+}
+
+/// Attaches the method on the fixture model, saves it as PEFT does with Whetstone's outputs,
+/// and checks the saved adapter loads back to the same outputs.
+fn write_for_python(spec: ForPython<'_>, out: &Path) -> Result<()> {
+    let ForPython {
+        name,
+        base,
+        task,
+        plugin: plugin_id,
+        config,
+        perturb,
+    } = spec;
+    let inputs = read_json(&fixture(base).join("expected.json"))?;
+    let loaded = load_model(base, task)?;
     let model = loaded.model.as_ref();
-    let method = MethodAdapter::attach(model, lora()?, "default", config, 7)?;
+    let method = MethodAdapter::attach(model, plugin(plugin_id)?, "default", config, 7)?;
+    if perturb {
+        for (i, p) in method.params().iter().enumerate() {
+            let t = p.tensor();
+            let u = noise_like(&t, 2 * i as u64 + 1)?;
+            let v = noise_like(&t, 2 * i as u64 + 2)?;
+            let scaled = t.mul(&((u * 0.2)? + 1.0)?)?;
+            p.set_value(&(scaled + (v * 0.05)?)?)?;
+        }
+    }
     for p in method.base_params() {
         // A trained head differs from the base one.
         p.set_value(&(p.tensor() * -1.5)?)?;
     }
     let logits = forward(model, &inputs)?;
     let dir = out.join(name);
-    let model_path = fixture(name).join("model");
+    let model_path = fixture(base).join("model");
     adapter::save(
         model,
         &method,
@@ -361,12 +454,12 @@ fn write_for_python(name: &str, task: TaskSpec, config: Value, out: &Path) -> Re
     });
     std::fs::write(dir.join("ours.json"), serde_json::to_string(&ours)?)?;
 
-    let fresh = load_model(name, task)?;
+    let fresh = load_model(base, task)?;
     adapter::load(
         fresh.model.as_ref(),
         &dir.join("adapter"),
         "default",
-        &[lora_plugin()],
+        &[method_plugin(plugin_id)],
     )?;
     let again = forward(fresh.model.as_ref(), &inputs)?;
     ensure!(
@@ -380,28 +473,53 @@ fn write_for_python(name: &str, task: TaskSpec, config: Value, out: &Path) -> Re
     let mask = ids(&inputs["attention_mask"])?;
     let per_token = (task == TaskSpec::CausalLm).then_some(&mask);
     let merged = forward(model, &inputs)?;
-    ensure!(
-        max_diff(&merged, &logits, per_token)? <= MERGE_TOL,
-        "{name}: merge differs"
-    );
+    let d = max_diff(&merged, &logits, per_token)?;
+    eprintln!("{name}: merged vs adapter model (Whetstone) {d:.2e}");
+    ensure!(d <= MERGE_TOL, "{name}: merge differs by {d}");
     Ok(())
+}
+
+/// `llama-<name>` for the reverse check: `plugin_id` with `config`, parameters perturbed.
+fn llama_for_python(name: &str, plugin_id: &str, config: Value) -> Result<()> {
+    let (_keep, out) = out_dir()?;
+    write_for_python(
+        ForPython {
+            name: &format!("llama-{name}"),
+            base: "llama",
+            task: TaskSpec::CausalLm,
+            plugin: plugin_id,
+            config,
+            perturb: true,
+        },
+        &out,
+    )
 }
 
 #[test]
 fn whetstone_adapters_for_peft() -> Result<()> {
     let (_keep, out) = out_dir()?;
     write_for_python(
-        "llama",
-        TaskSpec::CausalLm,
-        json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-               "init_lora_weights": false}),
+        ForPython {
+            name: "llama",
+            base: "llama",
+            task: TaskSpec::CausalLm,
+            plugin: "lora",
+            config: json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                           "init_lora_weights": false}),
+            perturb: false,
+        },
         &out,
     )?;
     write_for_python(
-        "bert",
-        TaskSpec::Classification,
-        json!({"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
-               "init_lora_weights": false, "modules_to_save": ["classifier"]}),
+        ForPython {
+            name: "bert",
+            base: "bert",
+            task: TaskSpec::Classification,
+            plugin: "lora",
+            config: json!({"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
+                           "init_lora_weights": false, "modules_to_save": ["classifier"]}),
+            perturb: false,
+        },
         &out,
     )?;
     eprintln!(
@@ -410,4 +528,42 @@ fn whetstone_adapters_for_peft() -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+#[test]
+fn whetstone_dora_adapter_for_peft() -> Result<()> {
+    llama_for_python(
+        "dora",
+        "lora",
+        json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+               "use_dora": true, "init_lora_weights": false}),
+    )
+}
+
+#[test]
+fn whetstone_ia3_adapter_for_peft() -> Result<()> {
+    llama_for_python(
+        "ia3",
+        "ia3",
+        json!({"target_modules": ["k_proj", "v_proj", "down_proj"],
+               "feedforward_modules": ["down_proj"]}),
+    )
+}
+
+#[test]
+fn whetstone_loha_adapter_for_peft() -> Result<()> {
+    llama_for_python(
+        "loha",
+        "loha",
+        json!({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
+    )
+}
+
+#[test]
+fn whetstone_lokr_adapter_for_peft() -> Result<()> {
+    llama_for_python(
+        "lokr",
+        "lokr",
+        json!({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
+    )
 }
