@@ -73,3 +73,36 @@ fn dora_passes_conformance() {
     let merge = report.checks.iter().find(|c| c.name == "merge");
     assert_eq!(merge.map(|c| c.status), Some(Status::Pass), "{report}");
 }
+
+/// VeRA: the shared projections are generated in the plugin (identical native and wasm, and
+/// regenerated on reload), only `vera_lambda_b` / `vera_lambda_d` train, and `ΔW` merges.
+#[test]
+fn vera_passes_conformance() {
+    let report = check_plugin(
+        "vera",
+        json!({"r": 8, "target_modules": ["q_proj", "v_proj"]}),
+    );
+    assert_eq!(figure(&report, "inject"), Some(4.0));
+    assert_eq!(figure(&report, "handles"), Some(0.0));
+    let merge = report.checks.iter().find(|c| c.name == "merge");
+    assert_eq!(merge.map(|c| c.status), Some(Status::Pass), "{report}");
+}
+
+/// Houlsby adapters: after the attention output projection and after the feed-forward output
+/// projection of both blocks; non-linear, so merge is skipped.
+#[test]
+fn bottleneck_houlsby_passes_conformance() {
+    let report = check_plugin("bottleneck", json!({"config": "houlsby"}));
+    assert_eq!(figure(&report, "inject"), Some(4.0));
+    let merge = report.checks.iter().find(|c| c.name == "merge");
+    assert_eq!(merge.map(|c| c.status), Some(Status::Skip), "{report}");
+}
+
+/// Pfeiffer adapters: after the feed-forward output projection of both blocks only.
+#[test]
+fn bottleneck_pfeiffer_passes_conformance() {
+    let report = check_plugin("bottleneck", json!({"config": "pfeiffer"}));
+    assert_eq!(figure(&report, "inject"), Some(2.0));
+    let merge = report.checks.iter().find(|c| c.name == "merge");
+    assert_eq!(merge.map(|c| c.status), Some(Status::Skip), "{report}");
+}
