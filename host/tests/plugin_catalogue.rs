@@ -106,3 +106,29 @@ fn bottleneck_pfeiffer_passes_conformance() {
     let merge = report.checks.iter().find(|c| c.name == "merge");
     assert_eq!(merge.map(|c| c.status), Some(Status::Skip), "{report}");
 }
+
+/// LoHa: `ΔW = (hada_w1_a·hada_w1_b) ⊙ (hada_w2_a·hada_w2_b) · alpha/r` on the query and value
+/// projections of both blocks, and `ΔW` merges.
+#[test]
+fn loha_passes_conformance() {
+    let report = check_plugin(
+        "loha",
+        json!({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
+    );
+    assert_eq!(figure(&report, "inject"), Some(4.0));
+    let merge = report.checks.iter().find(|c| c.name == "merge");
+    assert_eq!(merge.map(|c| c.status), Some(Status::Pass), "{report}");
+}
+
+/// LoKr: `ΔW = kron(w1, w2) · alpha/r` with PEFT's factorisation, here both factors whole
+/// (`lokr_w1`, `lokr_w2`), on the query and value projections of both blocks; `ΔW` merges.
+#[test]
+fn lokr_passes_conformance() {
+    let report = check_plugin(
+        "lokr",
+        json!({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
+    );
+    assert_eq!(figure(&report, "inject"), Some(4.0));
+    let merge = report.checks.iter().find(|c| c.name == "merge");
+    assert_eq!(merge.map(|c| c.status), Some(Status::Pass), "{report}");
+}

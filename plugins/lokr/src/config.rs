@@ -1,0 +1,339 @@
+//! PEFT's `LoKrConfig`: the fields LoKr reads, their defaults, and clear errors for the PEFT
+//! fields this plugin does not implement.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+use whetstone_sdk::targets::{pattern_value, TargetSpec};
+use whetstone_sdk::{ConfigField, Error, Result};
+
+/// PEFT's `init_weights`: `true`, `false` or `"lycoris"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InitWeights {
+    /// `true`: `w1` (or `lokr_w1_a`) zero, the other factors Kaiming-uniform, so `ΔW = 0` at start.
+    #[default]
+    Default,
+    /// `"lycoris"`: the LyCORIS repository's scheme, `w2` (or `lokr_w2_b`) zero, the other
+    /// factors Kaiming-uniform.
+    Lycoris,
+    /// `false`: every factor Kaiming-uniform; for tests, not training.
+    Random,
+}
+
+impl<'de> Deserialize<'de> for InitWeights {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Bool(true) => Ok(InitWeights::Default),
+            Value::Bool(false) => Ok(InitWeights::Random),
+            Value::String(s) if s == "lycoris" => Ok(InitWeights::Lycoris),
+            other => Err(serde::de::Error::custom(format!(
+                "init_weights = {other} is not supported (use true, false or \"lycoris\")"
+            ))),
+        }
+    }
+}
+
+fn default_r() -> usize {
+    8
+}
+
+fn default_alpha() -> f64 {
+    8.0
+}
+
+fn default_decompose_factor() -> i64 {
+    -1
+}
+
+/// The configuration, with PEFT's field names and defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoKrConfig {
+    /// Rank of the low-rank factors.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Scale numerator: `scaling = alpha / r`.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Probability of dropping each output row of `ΔW` while training.
+    #[serde(default)]
+    pub rank_dropout: f64,
+    /// Probability of skipping the whole update of a module in a training forward.
+    #[serde(default)]
+    pub module_dropout: f64,
+    /// Divide the `rank_dropout` mask by its mean (the kept fraction).
+    #[serde(default)]
+    pub rank_dropout_scale: bool,
+    /// Store the left factor `w1` as a low-rank product too (when `r < max(out_l, in_m) / 2`).
+    #[serde(default)]
+    pub decompose_both: bool,
+    /// The Kronecker split: `-1` near the square root of each dimension, else factors close to
+    /// this number (PEFT's `factorization`).
+    #[serde(default = "default_decompose_factor")]
+    pub decompose_factor: i64,
+    /// FedPara's "Proposition 3" for convolutions; PEFT ignores it on linear modules, the only
+    /// modules Whetstone wraps.
+    #[serde(default)]
+    pub use_effective_conv2d: bool,
+    /// Which modules to wrap.
+    #[serde(flatten)]
+    pub targets: TargetSpec,
+    /// Per-module rank overrides.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides.
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// How the factors start.
+    #[serde(default)]
+    pub init_weights: InitWeights,
+    /// Base modules trained whole and saved with the adapter.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// Every other field: PEFT bookkeeping is accepted, unsupported features are refused by
+    /// name in [`LoKrConfig::validate`].
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// PEFT fields that carry no behaviour here.
+const BOOKKEEPING: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+];
+
+/// Whether a value is PEFT's "off" for a feature (so the field can be ignored).
+fn is_off(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+fn check_probability(field: &str, p: f64) -> Result<()> {
+    if (0.0..1.0).contains(&p) {
+        Ok(())
+    } else {
+        Err(Error::config(format!("{field} = {p} must be in [0, 1)")))
+    }
+}
+
+impl LoKrConfig {
+    /// Refuses values LoKr cannot honour, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::config("r must be at least 1"));
+        }
+        check_probability("rank_dropout", self.rank_dropout)?;
+        check_probability("module_dropout", self.module_dropout)?;
+        if self.targets.layers_pattern.is_some() && self.targets.layers_to_transform.is_none() {
+            return Err(Error::config(
+                "layers_pattern is set but layers_to_transform is not (PEFT requires both)",
+            ));
+        }
+        for (field, value) in &self.other {
+            if BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
+                continue;
+            }
+            return Err(Error::config(format!(
+                "unsupported LoKr field `{field}` = {value}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rank and alpha of `module`, after `rank_pattern` / `alpha_pattern`.
+    pub fn rank_and_alpha(&self, module: &str) -> Result<(usize, f64)> {
+        let r = pattern_value(&self.rank_pattern, module)?.unwrap_or(self.r);
+        let alpha = pattern_value(&self.alpha_pattern, module)?.unwrap_or(self.alpha);
+        if r == 0 {
+            return Err(Error::config(format!(
+                "rank_pattern gives `{module}` rank 0"
+            )));
+        }
+        Ok((r, alpha))
+    }
+}
+
+fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
+    ConfigField {
+        name: name.into(),
+        ty: ty.into(),
+        default: default.into(),
+        doc: doc.into(),
+    }
+}
+
+/// The documented fields.
+pub fn fields() -> Vec<ConfigField> {
+    vec![
+        field("r", "int", "8", "rank of the low-rank Kronecker factors"),
+        field(
+            "alpha",
+            "float",
+            "8",
+            "scaling numerator: scaling = alpha / r",
+        ),
+        field(
+            "rank_dropout",
+            "float",
+            "0.0",
+            "training only: drop output rows of ΔW",
+        ),
+        field(
+            "rank_dropout_scale",
+            "bool",
+            "false",
+            "divide the rank_dropout mask by the kept fraction",
+        ),
+        field(
+            "module_dropout",
+            "float",
+            "0.0",
+            "training only: probability of skipping a module's update in a forward",
+        ),
+        field(
+            "decompose_both",
+            "bool",
+            "false",
+            "also factor w1 as lokr_w1_a · lokr_w1_b when r < max(w1 dims) / 2",
+        ),
+        field(
+            "decompose_factor",
+            "int",
+            "-1",
+            "Kronecker split of each dimension (-1: near its square root)",
+        ),
+        field(
+            "use_effective_conv2d",
+            "bool",
+            "false",
+            "convolutions only; no effect on linear modules",
+        ),
+        field(
+            "target_modules",
+            "list of names, regex string or \"all-linear\"",
+            "per model type (q/v projections)",
+            "modules to wrap",
+        ),
+        field(
+            "exclude_modules",
+            "list of names or regex string",
+            "null",
+            "modules never wrapped",
+        ),
+        field(
+            "layers_to_transform",
+            "int or list of ints",
+            "null",
+            "only wrap modules in these blocks",
+        ),
+        field(
+            "layers_pattern",
+            "string or list",
+            "null",
+            "the block container name (layers, layer, h)",
+        ),
+        field("rank_pattern", "map regex → int", "{}", "per-module rank"),
+        field(
+            "alpha_pattern",
+            "map regex → float",
+            "{}",
+            "per-module alpha",
+        ),
+        field(
+            "init_weights",
+            "true | false | \"lycoris\"",
+            "true",
+            "true: w1 zero; \"lycoris\": w2 zero; false: all factors random (tests)",
+        ),
+        field(
+            "modules_to_save",
+            "list of names",
+            "null (classification heads for sequence classification)",
+            "base modules trained whole and saved",
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> LoKrConfig {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_peft() {
+        let d = parse("{}");
+        d.validate().unwrap();
+        assert_eq!((d.r, d.alpha), (8, 8.0));
+        assert_eq!((d.rank_dropout, d.module_dropout), (0.0, 0.0));
+        assert_eq!(d.init_weights, InitWeights::Default);
+        assert!(!d.use_effective_conv2d && !d.decompose_both && !d.rank_dropout_scale);
+        assert_eq!(d.decompose_factor, -1);
+        assert!(d.modules_to_save.is_none() && d.targets.target_modules.is_none());
+    }
+
+    #[test]
+    fn patterns_override_rank_and_alpha() {
+        let c = parse(
+            r#"{"r": 16, "alpha": 32, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 2}}"#,
+        );
+        c.validate().unwrap();
+        assert_eq!(
+            c.rank_and_alpha("model.layers.0.self_attn.q_proj").unwrap(),
+            (4, 32.0)
+        );
+        assert_eq!(
+            c.rank_and_alpha("model.layers.0.self_attn.v_proj").unwrap(),
+            (16, 2.0)
+        );
+        let zero = parse(r#"{"rank_pattern": {"q_proj": 0}}"#);
+        assert!(zero.rank_and_alpha("a.q_proj").is_err());
+    }
+
+    #[test]
+    fn a_peft_saved_config_is_accepted() {
+        let c = parse(
+            r#"{"task_type": null, "peft_type": "LOKR", "auto_mapping": null,
+                "peft_version": "0.21.2", "base_model_name_or_path": null, "revision": null,
+                "inference_mode": false, "rank_pattern": {}, "alpha_pattern": {}, "r": 4,
+                "alpha": 8, "rank_dropout": 0.0, "module_dropout": 0.0,
+                "use_effective_conv2d": false, "decompose_both": true, "decompose_factor": 4,
+                "rank_dropout_scale": false, "target_modules": ["q_proj", "v_proj"],
+                "exclude_modules": null, "init_weights": true, "layers_to_transform": null,
+                "layers_pattern": null, "modules_to_save": null}"#,
+        );
+        c.validate().unwrap();
+        assert_eq!((c.r, c.alpha, c.decompose_factor), (4, 8.0, 4));
+        assert!(c.decompose_both);
+        let lycoris = parse(r#"{"init_weights": "lycoris"}"#);
+        assert_eq!(lycoris.init_weights, InitWeights::Lycoris);
+        assert_eq!(
+            parse(r#"{"init_weights": false}"#).init_weights,
+            InitWeights::Random
+        );
+    }
+
+    #[test]
+    fn bad_values_and_unknown_features_are_named() {
+        let err = |json: &str| parse(json).validate().unwrap_err().to_string();
+        assert!(err(r#"{"r": 0}"#).contains('r'));
+        assert!(err(r#"{"rank_dropout": 1.0}"#).contains("rank_dropout"));
+        assert!(err(r#"{"module_dropout": -0.1}"#).contains("module_dropout"));
+        assert!(err(r#"{"layers_pattern": "layers"}"#).contains("layers_to_transform"));
+        assert!(err(r#"{"use_dora": true}"#).contains("use_dora"));
+        let bad: std::result::Result<LoKrConfig, _> =
+            serde_json::from_str(r#"{"init_weights": "gaussian"}"#);
+        assert!(bad.unwrap_err().to_string().contains("gaussian"));
+    }
+}
