@@ -132,3 +132,19 @@ fn lokr_passes_conformance() {
     let merge = report.checks.iter().find(|c| c.name == "merge");
     assert_eq!(merge.map(|c| c.status), Some(Status::Pass), "{report}");
 }
+
+/// (IA)³: output scaling `l ⊙ (W x + b)` on `o_proj` and `up_proj`, input scaling
+/// `W (l ⊙ x) + b` on the feedforward `down_proj`, in both blocks; `ΔW = W ⊙ (l − 1)` merges.
+/// PEFT's Llama default (`k_proj`, `v_proj`, `down_proj`) would refuse to merge here: the tiny
+/// Llama's `k_proj`/`v_proj` have biases, which IA3 scales too and `ΔW` cannot carry.
+#[test]
+fn ia3_passes_conformance() {
+    let report = check_plugin(
+        "ia3",
+        json!({"target_modules": ["o_proj", "up_proj", "down_proj"],
+               "feedforward_modules": ["down_proj"]}),
+    );
+    assert_eq!(figure(&report, "inject"), Some(6.0));
+    let merge = report.checks.iter().find(|c| c.name == "merge");
+    assert_eq!(merge.map(|c| c.status), Some(Status::Pass), "{report}");
+}
