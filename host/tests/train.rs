@@ -374,12 +374,18 @@ fn checkpoint_round_trip_restores_params_and_optimizer_state() {
         trainer.optimizer().state_tensors(),
         restored.optimizer().state_tensors(),
     );
-    assert_eq!(a.len(), 6);
+    // Two moments and an update count per parameter.
+    assert_eq!(a.len(), 9);
+    let values = |t: &Tensor| -> Vec<f64> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
     for (k, t) in &a {
-        let (x, y): (Vec<f32>, Vec<f32>) = (
-            t.flatten_all().unwrap().to_vec1().unwrap(),
-            b[k].flatten_all().unwrap().to_vec1().unwrap(),
-        );
+        let (x, y) = (values(t), values(&b[k]));
         assert_eq!(x, y, "{k}");
     }
     // The next step is identical from the original and from the restored trainer.

@@ -124,14 +124,26 @@ pub fn apply_weights(
     tensors: HashMap<String, Tensor>,
     path: &Path,
 ) -> Result<()> {
+    // Keyed by the file key without PEFT's prefix; model-level parameters have none.
     let mut wanted: BTreeMap<String, Arc<Param>> = BTreeMap::new();
-    for p in adapter.params().iter().chain(adapter.base_params()) {
-        wanted.insert(model.checkpoint_name(p.name()), p.clone());
+    let mut bare = Vec::new();
+    for p in adapter.params().iter().chain(&adapter.base_params()) {
+        if adapter.is_model_level(p.name()) {
+            bare.push(p.name().to_string());
+            wanted.insert(p.name().to_string(), p.clone());
+        } else {
+            wanted.insert(model.checkpoint_name(p.name()), p.clone());
+        }
     }
     let mut found: BTreeMap<String, (String, Tensor)> = BTreeMap::new();
     let mut unmatched = Vec::new();
     for (key, tensor) in tensors {
-        match normalize_key(&key) {
+        let name = if bare.contains(&key) {
+            Some(key.clone())
+        } else {
+            normalize_key(&key)
+        };
+        match name {
             Some(name) if wanted.contains_key(&name) => {
                 if let Some((other, _)) = found.get(&name) {
                     return Err(Error::bad_file(
@@ -148,7 +160,13 @@ pub fn apply_weights(
     let missing: Vec<String> = wanted
         .keys()
         .filter(|k| !found.contains_key(*k))
-        .map(|k| format!("{PEFT_KEY_PREFIX}{k}"))
+        .map(|k| {
+            if bare.contains(k) {
+                k.clone()
+            } else {
+                format!("{PEFT_KEY_PREFIX}{k}")
+            }
+        })
         .collect();
     if !unmatched.is_empty() || !missing.is_empty() {
         let mut parts = Vec::new();

@@ -21,6 +21,17 @@ pub fn peft_key(model: &dyn Model, name: &str) -> String {
     format!("{PEFT_KEY_PREFIX}{}", model.checkpoint_name(name))
 }
 
+/// The key parameter `name` of `method` has in an adapter file: its bare name for a
+/// model-level parameter of the method (prompt tuning's `prompt_embeddings`), else its
+/// [`peft_key`].
+pub fn file_key(model: &dyn Model, method: &MethodAdapter, name: &str) -> String {
+    if method.is_model_level(name) {
+        name.to_string()
+    } else {
+        peft_key(model, name)
+    }
+}
+
 /// PEFT's `task_type` for the model's task.
 fn task_type(model: &dyn Model) -> &'static str {
     match model.task() {
@@ -40,13 +51,13 @@ pub fn peft_type(plugin_id: &str) -> String {
 pub fn save(model: &dyn Model, method: &MethodAdapter, base_model: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = HashMap::new();
-    for p in method.params().iter().chain(method.base_params()) {
+    for p in method.params().iter().chain(&method.base_params()) {
         let t = p
             .tensor()
             .detach()
             .to_device(&candle_core::Device::Cpu)?
             .contiguous()?;
-        tensors.insert(peft_key(model, p.name()), t);
+        tensors.insert(file_key(model, method, p.name()), t);
     }
     let weights = dir.join(ADAPTER_WEIGHTS_FILE);
     candle_core::safetensors::save(&tensors, &weights)?;

@@ -142,7 +142,7 @@ impl AdapterSet {
                     .insert(p.name().to_string(), (p.clone(), t.detach().copy()?));
             }
         }
-        let base_values = values_of(adapter.base_params())?;
+        let base_values = values_of(&adapter.base_params())?;
         self.entries.push(Entry {
             name: name.to_string(),
             adapter: adapter.clone(),
@@ -189,7 +189,7 @@ impl AdapterSet {
             return Ok(());
         };
         if let Some(entry) = self.entries.iter_mut().find(|e| e.name == name) {
-            entry.base_values = values_of(entry.adapter.base_params())?;
+            entry.base_values = values_of(&entry.adapter.base_params())?;
         }
         Ok(())
     }

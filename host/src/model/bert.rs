@@ -23,6 +23,7 @@ use rand::SeedableRng;
 use super::hf;
 use super::hooks::ForwardContext;
 use super::load::{LoadedModel, ModelSpec, Pooling, TaskSpec};
+use super::prompt::{self, AttentionShape, Prompted};
 use super::{Mode, Model, TaskKind};
 use crate::ops::{self, Linear};
 use crate::params::ParamStore;
@@ -217,24 +218,29 @@ impl BertForSequenceClassification {
         Ok(ops::dropout(x, p, &mut *rng)?)
     }
 
-    /// Position ids `[batch, seq]`: `0..seq`, or RoBERTa's padding-aware numbering.
-    fn position_ids(&self, attention_mask: &Tensor) -> Result<Tensor> {
+    /// Position ids `[batch, seq]`: `offset..offset + seq`, or RoBERTa's padding-aware
+    /// numbering shifted by `offset` (the length of a method's attention prefix, which counts as
+    /// cached positions, as in Hugging Face).
+    fn position_ids(&self, attention_mask: &Tensor, offset: usize) -> Result<Tensor> {
         let (batch, seq) = attention_mask.dims2()?;
-        let offset = self.config.position_offset();
-        if seq + offset > self.config.max_position_embeddings {
+        let first = self.config.position_offset();
+        if seq + offset + first > self.config.max_position_embeddings {
             return Err(Error::config(format!(
-                "sequence of {seq} tokens is longer than the model's {} positions; truncate the input",
+                "sequence of {} positions (with the method's virtual tokens and prefix) is longer \
+                 than the model's {} positions; truncate the input",
+                seq + offset,
                 self.config.max_sequence_length()
             )));
         }
         let device = attention_mask.device();
         if !self.config.roberta_positions() {
-            let ids: Vec<u32> = (0..seq as u32).collect();
+            let ids: Vec<u32> = (offset as u32..(offset + seq) as u32).collect();
             return Ok(Tensor::from_vec(ids, (1, seq), device)?
                 .broadcast_as((batch, seq))?
                 .contiguous()?);
         }
-        let pad = offset as u32 - 1;
+        let pad = first as u32 - 1;
+        let shift = offset as u32;
         let mask = attention_mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
         let ids: Vec<u32> = mask
             .iter()
@@ -244,7 +250,7 @@ impl BertForSequenceClassification {
                     .map(|&m| {
                         count += u32::from(m != 0);
                         if m != 0 {
-                            count + pad
+                            count + shift + pad
                         } else {
                             pad
                         }
@@ -255,8 +261,17 @@ impl BertForSequenceClassification {
         Ok(Tensor::from_vec(ids, (batch, seq), device)?)
     }
 
-    /// Self-attention of one layer with the additive padding `bias` `[b, 1, s, s]`.
-    fn attention(&self, layer: &Layer, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// Self-attention of layer `index` with the additive padding `bias` `[b, 1, s, prefix + s]`
+    /// and a method's key/value prefix, if any.
+    fn attention(
+        &self,
+        layer: &Layer,
+        index: usize,
+        x: &Tensor,
+        bias: &Tensor,
+        mode: Mode,
+        prompted: Option<&Prompted>,
+    ) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let heads = self.config.num_attention_heads;
         let d = h / heads;
@@ -264,6 +279,10 @@ impl BertForSequenceClassification {
         let q = split(layer.query.forward(x)?)?;
         let k = split(layer.key.forward(x)?)?;
         let v = split(layer.value.forward(x)?)?;
+        let (k, v) = match prompted {
+            Some(p) => p.prepend(index, k, v)?,
+            None => (k, v),
+        };
         let scores =
             (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(bias)?;
         let probs = ops::softmax_last_dim(&scores)?;
@@ -291,20 +310,49 @@ impl BertForSequenceClassification {
         let c = &self.config;
         let e = &self.embeddings;
         let words = ops::embedding(&e.word.tensor(), &input_ids.to_dtype(DType::U32)?)?;
-        let positions = ops::embedding(&e.position.tensor(), &self.position_ids(attention_mask)?)?;
+        let prompted = match self.ctx.model_hook() {
+            None => None,
+            Some(hook) => {
+                let info = self.model_info();
+                let shape = AttentionShape {
+                    layers: self.layers.len(),
+                    kv_heads: info.num_key_value_heads,
+                    head_dim: info.head_dim,
+                };
+                Some(prompt::apply(
+                    hook.as_ref(),
+                    words.clone(),
+                    attention_mask,
+                    shape,
+                )?)
+            }
+        };
+        let (words, mask, prefix) = match &prompted {
+            Some(p) => (p.embeddings.clone(), p.mask.clone(), p.prefix_len()),
+            None => (words, attention_mask.clone(), 0),
+        };
+        let len = words.dim(1)?;
+        let token_mask = mask.narrow(1, prefix, len)?;
+        let positions = ops::embedding(
+            &e.position.tensor(),
+            &self.position_ids(&token_mask, prefix)?,
+        )?;
         let token_type = e.token_type.tensor().narrow(0, 0, 1)?; // single segment: type 0
         let x = words.add(&positions)?.broadcast_add(&token_type)?;
         let mut x = self.dropout(&e.norm.forward(&x)?, c.hidden_dropout_prob, mode)?;
-        let bias = ops::attention_bias(attention_mask, seq, false, x.dtype())?;
-        for layer in &self.layers {
-            let ctx = self.attention(layer, &x, &bias, mode)?;
+        let bias = ops::attention_bias(&mask, len, false, x.dtype())?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let ctx = self.attention(layer, index, &x, &bias, mode, prompted.as_ref())?;
             let attn = self.dropout(&layer.attn_out.forward(&ctx)?, c.hidden_dropout_prob, mode)?;
             let h = layer.attn_norm.forward(&attn.add(&x)?)?;
             let ff = self.activation.apply(&layer.intermediate.forward(&h)?)?;
             let ff = self.dropout(&layer.output.forward(&ff)?, c.hidden_dropout_prob, mode)?;
             x = layer.out_norm.forward(&ff.add(&h)?)?;
         }
-        Ok(x)
+        match &prompted {
+            Some(p) => p.strip_virtual(x),
+            None => Ok(x),
+        }
     }
 
     /// Pools hidden states `[b, s, h]` into `[b, h]` with the model's pooling.

@@ -1,8 +1,11 @@
-//! Where PEFT methods attach to a model: a hook slot on every [`crate::ops::Linear`], and the
-//! forward context (mode, step, seeded generator) that hooks read.
+//! Where PEFT methods attach to a model: a hook slot on every [`crate::ops::Linear`], a
+//! model-level [`ModelHook`] (input embeddings, attention prefixes), and the forward context
+//! (mode, step, seeded generator, the model hook) that hooks read.
 //!
 //! The model code stays unaware of methods: a linear layer computes its frozen output and, when
-//! a [`LinearHook`] is installed, hands it `(x, base_out)` and returns what the hook returns.
+//! a [`LinearHook`] is installed, hands it `(x, base_out)` and returns what the hook returns; a
+//! model asks its context's [`ModelHook`] for extra virtual tokens and key/value prefixes
+//! (see [`super::prompt`]).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,6 +21,23 @@ use crate::Result;
 pub trait LinearHook: Send + Sync + std::fmt::Debug {
     /// The module's output for input `x` `[..., in]` and base output `base_out` `[..., out]`.
     fn forward(&self, x: &Tensor, base_out: &Tensor) -> Result<Tensor>;
+}
+
+/// Model-level method hooks: prompt tuning and P-tuning transform the input embeddings, prefix
+/// tuning gives every attention layer extra keys and values.
+pub trait ModelHook: Send + Sync + std::fmt::Debug {
+    /// The input embeddings `[batch, seq, hidden]` and attention mask `[batch, seq]` (f32, 1 =
+    /// real token) with virtual tokens prepended: `[batch, virtual + seq, hidden]` and
+    /// `[batch, virtual + seq]`; `None` leaves them unchanged.
+    fn embeddings(
+        &self,
+        embeddings: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>>;
+
+    /// Keys and values `[batch, kv_heads, prefix, head_dim]` every query of attention layer
+    /// `layer` attends to before the sequence's own; `None` for none.
+    fn attention_prefix(&self, layer: usize, batch: usize) -> Result<Option<(Tensor, Tensor)>>;
 }
 
 /// A shared, swappable hook slot (clones of a [`crate::ops::Linear`] share it).
@@ -49,6 +69,7 @@ pub struct ForwardContext {
     mode: AtomicU8,
     step: AtomicU64,
     rng: Mutex<StdRng>,
+    model_hook: RwLock<Option<Arc<dyn ModelHook>>>,
 }
 
 impl Default for ForwardContext {
@@ -57,11 +78,28 @@ impl Default for ForwardContext {
             mode: AtomicU8::new(1),
             step: AtomicU64::new(0),
             rng: Mutex::new(StdRng::seed_from_u64(0)),
+            model_hook: RwLock::new(None),
         }
     }
 }
 
 impl ForwardContext {
+    /// Installs the model-level hook, replacing any previous one; `None` removes it.
+    pub fn set_model_hook(&self, hook: Option<Arc<dyn ModelHook>>) {
+        match self.model_hook.write() {
+            Ok(mut guard) => *guard = hook,
+            Err(poisoned) => *poisoned.into_inner() = hook,
+        }
+    }
+
+    /// The installed model-level hook.
+    pub fn model_hook(&self) -> Option<Arc<dyn ModelHook>> {
+        match self.model_hook.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// Sets the mode of the forward about to run.
     pub fn set_mode(&self, mode: Mode) {
         self.mode.store(

@@ -21,6 +21,7 @@ use serde_json::Value;
 use super::generate::{CausalLm, KvCache};
 use super::hooks::ForwardContext;
 use super::load::LoadedModel;
+use super::prompt::{self, AttentionShape};
 use super::{gguf, hf, tokenizer, Mode, Model, TaskKind};
 use crate::ops::{self, Linear, RotaryEmbedding};
 use crate::params::{Param, ParamStore};
@@ -495,6 +496,8 @@ impl Llama {
 
     /// Final hidden states → logits, for `input_ids` `[batch, seq]` following `past` cached
     /// positions; `attention_mask` `[batch, past + seq]` (1 = real token) or `None` for all-real.
+    /// A method's model hook (virtual tokens, attention prefixes) runs on the first call of a
+    /// sequence (no cached positions); the cache then keeps what it added.
     fn run(
         &self,
         input_ids: &Tensor,
@@ -506,29 +509,66 @@ impl Llama {
         let past = cache.as_ref().map(|k| k.seq_len()).unwrap_or(0);
         let (heads, kv_heads, head_dim) =
             (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let mut x = ops::embedding(&self.embed_tokens.tensor(), input_ids)?;
-        let bias = match attention_mask {
-            Some(mask) => Some(ops::attention_bias(mask, seq, true, x.dtype())?),
-            None if seq > 1 => {
-                let ones = Tensor::ones((batch, past + seq), DType::U32, x.device())?;
-                Some(ops::attention_bias(&ones, seq, true, x.dtype())?)
+        let x = ops::embedding(&self.embed_tokens.tensor(), input_ids)?;
+        let hook = if past == 0 {
+            self.ctx.model_hook()
+        } else {
+            None
+        };
+        let prompted = match hook {
+            None => None,
+            Some(hook) => {
+                let mask = match attention_mask {
+                    Some(m) => m.clone(),
+                    None => Tensor::ones((batch, seq), DType::U32, x.device())?,
+                };
+                let shape = AttentionShape {
+                    layers: self.layers.len(),
+                    kv_heads,
+                    head_dim,
+                };
+                Some(prompt::apply(hook.as_ref(), x.clone(), &mask, shape)?)
+            }
+        };
+        let (mut x, mask, offset) = match &prompted {
+            Some(p) => (p.embeddings.clone(), Some(&p.mask), p.prefix_len()),
+            None => (x, attention_mask, past),
+        };
+        let len = x.dim(1)?;
+        if offset + len > self.max_positions {
+            return Err(Error::config(format!(
+                "{} positions (with the method's virtual tokens and prefix) exceed the model's \
+                 limit of {}",
+                offset + len,
+                self.max_positions
+            )));
+        }
+        let bias = match mask {
+            Some(mask) => Some(ops::attention_bias(mask, len, true, x.dtype())?),
+            None if len > 1 => {
+                let ones = Tensor::ones((batch, past + len), DType::U32, x.device())?;
+                Some(ops::attention_bias(&ones, len, true, x.dtype())?)
             }
             None => None,
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_layernorm.tensor(), c.rms_norm_eps)?;
             let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-                t.reshape((batch, seq, n, head_dim))?
+                t.reshape((batch, len, n, head_dim))?
                     .transpose(1, 2)?
                     .contiguous()
             };
             let q = self
                 .rotary
-                .apply(&split(layer.q_proj.forward(&h)?, heads)?, past)?;
+                .apply(&split(layer.q_proj.forward(&h)?, heads)?, offset)?;
             let k = self
                 .rotary
-                .apply(&split(layer.k_proj.forward(&h)?, kv_heads)?, past)?;
+                .apply(&split(layer.k_proj.forward(&h)?, kv_heads)?, offset)?;
             let v = split(layer.v_proj.forward(&h)?, kv_heads)?;
+            let (k, v) = match &prompted {
+                Some(p) => p.prepend(i, k, v)?,
+                None => (k, v),
+            };
             let (k, v) = match cache.as_deref_mut() {
                 Some(cache) => cache.append(i, &k, &v)?,
                 None => (k, v),
@@ -539,11 +579,14 @@ impl Llama {
             let attn = ops::scaled_dot_product_attention(&q, &k, &v, bias.as_ref())?;
             let attn = attn
                 .transpose(1, 2)?
-                .reshape((batch, seq, heads * head_dim))?;
+                .reshape((batch, len, heads * head_dim))?;
             x = (x + layer.o_proj.forward(&attn)?)?;
             let h = ops::rms_norm(&x, &layer.post_attention_layernorm.tensor(), c.rms_norm_eps)?;
             let mlp = ops::swiglu(&layer.gate_proj.forward(&h)?, &layer.up_proj.forward(&h)?)?;
             x = (x + layer.down_proj.forward(&mlp)?)?;
+        }
+        if let Some(p) = &prompted {
+            x = p.strip_virtual(x)?;
         }
         let x = ops::rms_norm(&x, &self.norm.tensor(), c.rms_norm_eps)?;
         Ok(self.lm_head.forward(&x)?)

@@ -8,6 +8,7 @@ pub mod hf;
 pub mod hooks;
 pub mod llama;
 pub mod load;
+pub mod prompt;
 pub mod tokenizer;
 
 use candle_core::Tensor;

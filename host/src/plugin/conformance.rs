@@ -7,6 +7,8 @@
 //!   the modules carrying its hooks;
 //! - **forward**: finite logits of the right shape;
 //! - **handles**: the plugin's live tensor handles do not grow over repeated forwards;
+//! - **kv-cache**: decoding with a KV cache (a short prefill, then one token at a time) gives the
+//!   logits of one full forward, virtual tokens and attention prefixes included;
 //! - **gradients**: every parameter the method trains gets a finite, non-zero gradient (after a
 //!   small seeded perturbation, so that zero-initialised factors do not block it);
 //! - **frozen**: no frozen base tensor is a variable or gets a gradient;
@@ -28,7 +30,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-pub use checks::{MERGE_TOLERANCE, ROUND_TRIP_TOLERANCE, TRAIN_STEPS, TRANSPORT_TOLERANCE};
+pub use checks::{
+    CACHE_TOLERANCE, MERGE_TOLERANCE, ROUND_TRIP_TOLERANCE, TRAIN_STEPS, TRANSPORT_TOLERANCE,
+};
 pub use fixture::tiny_config;
 
 use super::{Manifest, Plugin, TransportKind};
@@ -280,6 +284,7 @@ fn check_build(
     let perturbed = s.perturb();
     run(checks, "forward", t, || checks::forward(&s, inputs));
     run(checks, "handles", t, || checks::handles(&s, inputs));
+    run(checks, "kv-cache", t, || checks::kv_cache(&s, inputs));
     run(checks, "gradients", t, || {
         perturbed.map_err(|e| {
             crate::Error::config(format!("cannot perturb the method's parameters: {e}"))

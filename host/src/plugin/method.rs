@@ -10,7 +10,7 @@ use whetstone_sdk::{Event, LinearInfo, PluginKind};
 
 use super::session::Session;
 use super::Plugin;
-use crate::model::hooks::LinearHook;
+use crate::model::hooks::{LinearHook, ModelHook};
 use crate::model::Model;
 use crate::params::Param;
 use crate::{Error, Result};
@@ -26,7 +26,23 @@ pub struct MethodAdapter {
     instance: u32,
     session: Arc<Session>,
     wrapped: Vec<String>,
-    base_trainable: Vec<Arc<Param>>,
+    base_trainable: std::sync::Mutex<Vec<Arc<Param>>>,
+    model_hooks: ModelHooks,
+}
+
+/// Which model-level hooks a method uses, found by asking it once at attach (a method that
+/// returns nothing for a one-token probe does not use the hook, and is not called at every
+/// forward).
+#[derive(Debug, Clone, Copy, Default)]
+struct ModelHooks {
+    embeddings: bool,
+    attention_prefix: bool,
+}
+
+impl ModelHooks {
+    fn any(self) -> bool {
+        self.embeddings || self.attention_prefix
+    }
 }
 
 impl std::fmt::Debug for MethodAdapter {
@@ -81,6 +97,99 @@ impl LinearHook for PluginLinear {
     }
 }
 
+/// The model-level hook of an adapter whose method transforms the input embeddings or gives
+/// attention prefixes.
+struct PluginModelHook {
+    adapter: Arc<MethodAdapter>,
+}
+
+impl std::fmt::Debug for PluginModelHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PluginModelHook({})", self.adapter.plugin.id())
+    }
+}
+
+impl ModelHook for PluginModelHook {
+    fn embeddings(
+        &self,
+        embeddings: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let a = &self.adapter;
+        if !a.model_hooks.embeddings {
+            return Ok(None);
+        }
+        let _exclusive = a.enter();
+        a.plugin
+            .transport
+            .forward_embeddings(a.instance, embeddings, attention_mask)
+    }
+
+    fn attention_prefix(&self, layer: usize, batch: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let a = &self.adapter;
+        if !a.model_hooks.attention_prefix {
+            return Ok(None);
+        }
+        let _exclusive = a.enter();
+        a.plugin
+            .transport
+            .attention_prefix(a.instance, layer as u32, batch as u32)
+    }
+}
+
+/// Asks a freshly attached method whether it uses the model-level hooks: one forward of a
+/// one-token batch through `forward-embeddings`, and layer 0's `attention-prefix`.
+fn probe_model_hooks(
+    t: &dyn super::transport::Transport,
+    instance: u32,
+    model: &dyn Model,
+    device: &Device,
+) -> Result<ModelHooks> {
+    let info = model.model_info();
+    let ctx = model.forward_context();
+    let mode = ctx.mode();
+    ctx.set_mode(crate::model::Mode::Eval);
+    let embeddings = Tensor::zeros((1, 1, info.hidden_size), candle_core::DType::F32, device)?;
+    let mask = Tensor::ones((1, 1), candle_core::DType::F32, device)?;
+    let probed = (|| {
+        Ok(ModelHooks {
+            embeddings: t
+                .forward_embeddings(instance, &embeddings, &mask)?
+                .is_some(),
+            attention_prefix: info.num_layers > 0 && t.attention_prefix(instance, 0, 1)?.is_some(),
+        })
+    })();
+    ctx.set_mode(mode);
+    probed
+}
+
+/// The base parameters of `model` the method names in `trainable-base-params`.
+fn chosen_base_params(
+    t: &dyn super::transport::Transport,
+    instance: u32,
+    plugin_id: &str,
+    model: &dyn Model,
+) -> Result<Vec<Arc<Param>>> {
+    let names: Vec<String> = model
+        .params()
+        .iter()
+        .map(|p| p.name().to_string())
+        .collect();
+    let chosen = t.trainable_base_params(instance, &names)?;
+    chosen
+        .iter()
+        .map(|n| {
+            model.params().get(n).map_err(|_| {
+                Error::plugin(
+                    plugin_id,
+                    "trainable-base-params",
+                    format!("named `{n}`, which is not a parameter of the model"),
+                )
+            })
+        })
+        .collect()
+}
+
 impl MethodAdapter {
     /// Attaches `plugin`'s method, configured by `config`, to `model` under `name` and installs
     /// its hooks. Parameters are initialised from the model's forward-context generator reseeded
@@ -126,25 +235,12 @@ impl MethodAdapter {
                 wrapped.push(info.name);
             }
         }
-        let names: Vec<String> = model
-            .params()
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect();
-        let chosen = t.trainable_base_params(instance, &names)?;
-        let base_trainable = chosen
-            .iter()
-            .map(|n| {
-                model.params().get(n).map_err(|_| {
-                    Error::plugin(
-                        plugin.id(),
-                        "trainable-base-params",
-                        format!("named `{n}`, which is not a parameter of the model"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if wrapped.is_empty() && base_trainable.is_empty() && session.with_params(|p| p.is_empty())
+        let model_hooks = probe_model_hooks(t.as_ref(), instance, model, &model_device(model))?;
+        let base_trainable = chosen_base_params(t.as_ref(), instance, plugin.id(), model)?;
+        if wrapped.is_empty()
+            && base_trainable.is_empty()
+            && !model_hooks.any()
+            && session.with_params(|p| p.is_empty())
         {
             return Err(Error::config(format!(
                 "method `{}` selected no module of the {} model and trains nothing; check \
@@ -167,7 +263,8 @@ impl MethodAdapter {
             instance,
             session,
             wrapped,
-            base_trainable,
+            base_trainable: std::sync::Mutex::new(base_trainable),
+            model_hooks,
         });
         adapter.activate(model)?;
         Ok(adapter)
@@ -197,10 +294,55 @@ impl MethodAdapter {
             };
             linear.set_hook(hook);
         }
-        for p in &self.base_trainable {
+        let model_hook: Option<Arc<dyn ModelHook>> = if self.model_hooks.any() {
+            Some(Arc::new(PluginModelHook {
+                adapter: self.clone(),
+            }))
+        } else {
+            None
+        };
+        model.forward_context().set_model_hook(model_hook);
+        for p in self.base_params() {
             p.set_trainable(true)?;
         }
         Ok(())
+    }
+
+    /// Asks the method again which base parameters train now (a gradual-unfreezing schedule
+    /// reads the step): the newly named ones become trainable, the ones it no longer names are
+    /// frozen. Returns whether the set changed.
+    pub fn refresh_base_params(&self, model: &dyn Model) -> Result<bool> {
+        let chosen = {
+            let _exclusive = self.enter();
+            chosen_base_params(
+                self.plugin.transport.as_ref(),
+                self.instance,
+                self.plugin.id(),
+                model,
+            )?
+        };
+        let mut current = self
+            .base_trainable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let same = chosen.len() == current.len()
+            && chosen
+                .iter()
+                .zip(current.iter())
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if same {
+            return Ok(false);
+        }
+        for p in current.iter() {
+            if !chosen.iter().any(|c| Arc::ptr_eq(c, p)) {
+                p.set_trainable(false)?;
+            }
+        }
+        for p in &chosen {
+            p.set_trainable(true)?;
+        }
+        *current = chosen;
+        Ok(true)
     }
 
     /// Removes every hook from `model` (the base model alone computes).
@@ -208,6 +350,17 @@ impl MethodAdapter {
         for linear in model.linears() {
             linear.set_hook(None);
         }
+        model.forward_context().set_model_hook(None);
+    }
+
+    /// Whether the method prepends virtual tokens to the input embeddings.
+    pub fn uses_embeddings_hook(&self) -> bool {
+        self.model_hooks.embeddings
+    }
+
+    /// Whether the method gives attention layers a key/value prefix.
+    pub fn uses_attention_prefix(&self) -> bool {
+        self.model_hooks.attention_prefix
     }
 
     /// The modules this adapter wraps.
@@ -221,15 +374,25 @@ impl MethodAdapter {
         self.session.with_params(|p| p.iter().cloned().collect())
     }
 
-    /// The base parameters the method trains (e.g. `modules_to_save`, `bias = "all"`).
-    pub fn base_params(&self) -> &[Arc<Param>] {
-        &self.base_trainable
+    /// Whether plugin parameter `name` was created without a module (PEFT saves such
+    /// parameters, like prompt tuning's `prompt_embeddings`, under their bare name).
+    pub fn is_model_level(&self, name: &str) -> bool {
+        self.session.with_params(|p| p.is_model_level(name))
     }
 
-    /// Everything the optimizer updates: the plugin's parameters and the trained base ones.
+    /// The base parameters the method trains now (e.g. `modules_to_save`, `bias = "all"`, the
+    /// unfrozen blocks of a schedule).
+    pub fn base_params(&self) -> Vec<Arc<Param>> {
+        self.base_trainable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Everything the optimizer updates now: the plugin's parameters and the trained base ones.
     pub fn trainable(&self) -> Vec<Arc<Param>> {
         let mut all = self.params();
-        all.extend(self.base_trainable.iter().cloned());
+        all.extend(self.base_params());
         all
     }
 

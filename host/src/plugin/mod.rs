@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod method;
 pub mod native;
 pub mod ops;
+pub mod resolve;
 pub mod session;
 pub mod transport;
 pub mod wasm;

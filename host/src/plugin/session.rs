@@ -20,6 +20,9 @@ type R<T> = std::result::Result<T, String>;
 pub struct AdapterParams {
     order: Vec<Arc<Param>>,
     by_key: HashMap<String, Arc<Param>>,
+    /// Keys of the parameters created without a module (prompt tuning's `prompt_embeddings`),
+    /// which PEFT saves under their bare name.
+    model_level: std::collections::HashSet<String>,
 }
 
 impl AdapterParams {
@@ -31,6 +34,12 @@ impl AdapterParams {
     /// The parameter with PEFT key `key`.
     pub fn get(&self, key: &str) -> Option<&Arc<Param>> {
         self.by_key.get(key)
+    }
+
+    /// Whether parameter `key` belongs to the model rather than to a module (it was created
+    /// with an empty module name).
+    pub fn is_model_level(&self, key: &str) -> bool {
+        self.model_level.contains(key)
     }
 
     /// Number of parameters.
@@ -48,10 +57,13 @@ impl AdapterParams {
         self.order.iter().map(|p| p.elem_count()).sum()
     }
 
-    fn insert(&mut self, param: Arc<Param>) -> R<()> {
+    fn insert(&mut self, param: Arc<Param>, model_level: bool) -> R<()> {
         let key = param.name().to_string();
         if self.by_key.contains_key(&key) {
             return Err(format!("parameter `{key}` already exists"));
+        }
+        if model_level {
+            self.model_level.insert(key.clone());
         }
         self.order.push(param.clone());
         self.by_key.insert(key, param);
@@ -265,7 +277,7 @@ impl HostState {
         let param = Arc::new(Param::frozen(key.clone(), value));
         param.set_trainable(true).map_err(|e| e.to_string())?;
         let session = self.session()?.clone();
-        session.with_params(|p| p.insert(param.clone()))?;
+        session.with_params(|p| p.insert(param.clone(), module.is_empty()))?;
         self.insert(param.tensor())
     }
 

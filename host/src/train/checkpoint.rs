@@ -3,7 +3,8 @@
 //!
 //! A checkpoint is a directory (`<output>/last/`, `<output>/best/`) holding
 //! - `trainable.safetensors`: the trainable parameters under their Hugging Face names;
-//! - `optimizer.safetensors`: AdamW's moments (`exp_avg.<name>`, `exp_avg_sq.<name>`);
+//! - `optimizer.safetensors`: AdamW's moments (`exp_avg.<name>`, `exp_avg_sq.<name>`) and
+//!   per-parameter update counts (`step.<name>`);
 //! - `trainer_state.json`: [`TrainerState`] (step, epoch, position in the epoch, best metric,
 //!   seed, loss history).
 //!

@@ -8,8 +8,12 @@
 //! θ ← θ − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)
 //! ```
 //!
-//! The state (first and second moments per parameter, and the step count) can be exported and
-//! restored by parameter name, for checkpoints.
+//! `t` counts the updates of each parameter (as PyTorch keeps `state["step"]` per parameter): a
+//! parameter without a gradient in a step is not updated and its count does not advance, and a
+//! parameter added later (gradual unfreezing) starts its own count at zero.
+//!
+//! The state (first and second moments and update count per parameter, and the optimizer's step
+//! count) can be exported and restored by parameter name, for checkpoints.
 
 use std::collections::HashMap;
 
@@ -49,6 +53,22 @@ struct Slot {
     decay: bool,
     m: Tensor,
     v: Tensor,
+    /// Updates applied to this parameter (Adam's `t`).
+    updates: usize,
+}
+
+impl Slot {
+    fn new(name: String, var: Var, decay: bool) -> Result<Slot> {
+        let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+        Ok(Slot {
+            name,
+            var,
+            decay,
+            m: zeros.clone(),
+            v: zeros,
+            updates: 0,
+        })
+    }
 }
 
 /// The AdamW optimizer over a set of named trainable variables.
@@ -65,22 +85,43 @@ impl AdamW {
     pub fn new(params: Vec<(String, Var, bool)>, cfg: AdamWConfig) -> Result<Self> {
         let slots = params
             .into_iter()
-            .map(|(name, var, decay)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-                Ok(Slot {
-                    name,
-                    var,
-                    decay,
-                    m: zeros.clone(),
-                    v: zeros,
-                })
-            })
+            .map(|(name, var, decay)| Slot::new(name, var, decay))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg,
             slots,
             step: 0,
         })
+    }
+
+    /// Adds a parameter (zero moments, no updates yet), e.g. one a gradual-unfreezing schedule
+    /// makes trainable mid-run.
+    pub fn add_param(&mut self, name: String, var: Var, decay: bool) -> Result<()> {
+        if self.slots.iter().any(|s| s.name == name) {
+            return Err(Error::config(format!(
+                "the optimizer already updates `{name}`"
+            )));
+        }
+        self.slots.push(Slot::new(name, var, decay)?);
+        Ok(())
+    }
+
+    /// Points parameter `index` at `var` (a parameter frozen and made trainable again is a new
+    /// variable; its moments are kept).
+    pub fn rebind(&mut self, index: usize, var: Var) -> Result<()> {
+        let slot = self.slots.get_mut(index).ok_or_else(|| {
+            Error::config(format!("the optimizer has no parameter number {index}"))
+        })?;
+        if slot.var.dims() != var.dims() {
+            return Err(Error::config(format!(
+                "cannot rebind `{}` of shape {:?} to a variable of shape {:?}",
+                slot.name,
+                slot.var.dims(),
+                var.dims()
+            )));
+        }
+        slot.var = var;
+        Ok(())
     }
 
     /// Number of updates applied so far.
@@ -126,11 +167,12 @@ impl AdamW {
             beta2,
             eps,
         } = self.cfg;
-        let t = self.step as i32;
-        let bias1 = 1.0 - beta1.powi(t);
-        let bias2 = 1.0 - beta2.powi(t);
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
             let Some(grad) = grad else { continue };
+            slot.updates += 1;
+            let t = i32::try_from(slot.updates).unwrap_or(i32::MAX);
+            let bias1 = 1.0 - beta1.powi(t);
+            let bias2 = 1.0 - beta2.powi(t);
             let grad = grad.detach().to_dtype(DType::F32)?;
             let theta = slot.var.as_tensor().detach();
             let dtype = theta.dtype();
@@ -156,6 +198,9 @@ impl AdamW {
         for slot in &self.slots {
             out.insert(format!("exp_avg.{}", slot.name), slot.m.clone());
             out.insert(format!("exp_avg_sq.{}", slot.name), slot.v.clone());
+            if let Ok(t) = Tensor::new(&[slot.updates as f64], slot.m.device()) {
+                out.insert(format!("step.{}", slot.name), t);
+            }
         }
         out
     }
@@ -181,6 +226,16 @@ impl AdamW {
             };
             slot.m = fetch(format!("exp_avg.{}", slot.name))?;
             slot.v = fetch(format!("exp_avg_sq.{}", slot.name))?;
+            // Checkpoints written before per-parameter counts had every parameter at `step`.
+            slot.updates = match state.get(&format!("step.{}", slot.name)) {
+                Some(t) => t
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?
+                    .first()
+                    .map_or(step, |&n| n as usize),
+                None => step,
+            };
         }
         self.step = step;
         Ok(())

@@ -212,8 +212,12 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     let model = loaded.model.as_ref();
     let mut plugin_paths = opts.plugins.clone();
     plugin_paths.extend(recipe.plugins.iter().cloned());
+    let mut method_spec = recipe.method.clone();
+    if let MethodSpec::Plugin { config, .. } = &mut method_spec {
+        crate::plugin::resolve::tokenize_fields(config, &loaded.tokenizer)?;
+    }
     let method =
-        apply_method_with_plugins(model, &recipe.method, &plugin_paths, recipe.training.seed)?;
+        apply_method_with_plugins(model, &method_spec, &plugin_paths, recipe.training.seed)?;
     let data = crate::data::prepare(&recipe.data, &loaded)?;
     if let (Some(found), crate::model::TaskKind::SequenceClassification { num_labels }) =
         (data.label_count, model.task())
@@ -449,6 +453,9 @@ pub fn fit(
                 ),
             ));
         }
+        // A schedule that unfreezes parameters over time trains the checkpoint step's set.
+        model.forward_context().set_step(ckpt.state.step as u64);
+        trainer.refresh_trainable(model)?;
         trainer.restore(&ckpt)?;
         state = ckpt.state;
         truncate_metrics(&metrics_path, state.step)?;
@@ -523,6 +530,13 @@ pub fn fit(
                 })
                 .collect::<Result<Vec<_>>>()?;
             let stats = s.trainer.train_step(model, &micro)?;
+            if s.trainer.refresh_trainable(model)? {
+                tracing::info!(
+                    step = stats.step,
+                    trainable = s.trainer.num_trainable(),
+                    "the method changed which base parameters train"
+                );
+            }
             s.record_step(&stats, end - start)?;
             if let Some(m) = data.method {
                 m.on_event(&Event::StepEnd {

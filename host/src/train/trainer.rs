@@ -12,6 +12,7 @@ use super::clip::{clip_grad_norm, global_norm};
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use crate::model::{Batch, Mode, Model};
+use crate::params::Param;
 use crate::plugin::method::MethodAdapter;
 use crate::recipe::TrainingConfig;
 use crate::{Error, Result};
@@ -58,8 +59,10 @@ fn decays(name: &str) -> bool {
 /// Owns the optimizer and the schedule over a model's trainable parameters.
 #[derive(Debug)]
 pub struct Trainer {
+    /// Every parameter trained so far, in optimizer order (a parameter a schedule froze again
+    /// stays here, without a gradient, so checkpoints keep its trained value).
+    params: Vec<Arc<Param>>,
     names: Vec<String>,
-    vars: Vec<Var>,
     optimizer: AdamW,
     schedule: Schedule,
     max_grad_norm: Option<f64>,
@@ -98,14 +101,12 @@ impl Trainer {
             )));
         }
         let mut names = Vec::with_capacity(trainable.len());
-        let mut vars = Vec::with_capacity(trainable.len());
         let mut slots = Vec::with_capacity(trainable.len());
-        for param in trainable {
+        for param in &trainable {
             let var = param.var().ok_or_else(|| {
                 Error::config(format!("`{}` is no longer trainable", param.name()))
             })?;
             names.push(param.name().to_string());
-            vars.push(var.clone());
             slots.push((param.name().to_string(), var, decays(param.name())));
         }
         let adam = AdamWConfig {
@@ -121,8 +122,8 @@ impl Trainer {
             kind: cfg.lr_scheduler,
         };
         Ok(Self {
+            params: trainable,
             names,
-            vars,
             optimizer: AdamW::new(slots, adam)?,
             schedule,
             max_grad_norm: cfg.max_grad_norm,
@@ -151,9 +152,44 @@ impl Trainer {
         &self.names
     }
 
-    /// Number of trained scalars.
+    /// Number of scalars trained now.
     pub fn num_trainable(&self) -> usize {
-        self.vars.iter().map(|v| v.elem_count()).sum()
+        self.params
+            .iter()
+            .filter(|p| p.is_trainable())
+            .map(|p| p.tensor().elem_count())
+            .sum()
+    }
+
+    /// Asks the method which base parameters train now (called after every step, and before
+    /// restoring a checkpoint, so a gradual-unfreezing schedule takes effect): parameters it
+    /// unfreezes join the optimizer with fresh moments, parameters it freezes stop getting
+    /// gradients. Returns whether the set changed.
+    pub fn refresh_trainable(&mut self, model: &dyn Model) -> Result<bool> {
+        let Some(method) = self.method.clone() else {
+            return Ok(false);
+        };
+        if !method.refresh_base_params(model)? {
+            return Ok(false);
+        }
+        let mut now = model.params().trainable();
+        now.extend(method.params());
+        for param in now {
+            if self.params.iter().any(|p| Arc::ptr_eq(p, &param)) {
+                continue;
+            }
+            let Some(var) = param.var() else { continue };
+            let name = param.name().to_string();
+            self.optimizer.add_param(name.clone(), var, decays(&name))?;
+            self.names.push(name);
+            self.params.push(param);
+        }
+        for (index, param) in self.params.iter().enumerate() {
+            if let Some(var) = param.var() {
+                self.optimizer.rebind(index, var)?;
+            }
+        }
+        Ok(true)
     }
 
     /// One optimizer step over `micro_batches`: forward in training mode, loss, backward per
@@ -175,7 +211,8 @@ impl Trainer {
         ctx.set_step(step as u64);
         let scale = 1.0 / micro_batches.len() as f64;
         let (mut forward_s, mut backward_s) = (0.0, 0.0);
-        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let vars: Vec<Option<Var>> = self.params.iter().map(|p| p.var()).collect();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         for batch in micro_batches {
@@ -197,7 +234,8 @@ impl Trainer {
             }
             let t1 = Instant::now();
             let store = (loss * scale)?.backward()?;
-            for (slot, var) in grads.iter_mut().zip(&self.vars) {
+            for (slot, var) in grads.iter_mut().zip(&vars) {
+                let Some(var) = var else { continue };
                 if let Some(g) = store.get(var.as_tensor()) {
                     *slot = Some(match slot.take() {
                         Some(acc) => (acc + g)?,
@@ -217,7 +255,7 @@ impl Trainer {
         };
         let lr = self.schedule.lr(step - 1);
         self.optimizer.step_with(&grads, lr)?;
-        if let Some(var) = self.vars.first() {
+        if let Some(var) = vars.iter().flatten().next() {
             var.device().synchronize()?;
         }
         Ok(StepStats {
@@ -237,7 +275,7 @@ impl Trainer {
         self.names
             .iter()
             .cloned()
-            .zip(self.vars.iter().map(|v| v.as_tensor().detach()))
+            .zip(self.params.iter().map(|p| p.tensor().detach()))
             .collect()
     }
 
@@ -263,21 +301,22 @@ impl Trainer {
                 ));
             }
         }
-        for (name, var) in self.names.iter().zip(&self.vars) {
+        for (name, param) in self.names.iter().zip(&self.params) {
             let value = ckpt.params.get(name).ok_or_else(|| {
                 Error::bad_file(&ckpt.dir, format!("checkpoint lacks trainable parameter `{name}`; the method changed since it was written"))
             })?;
-            if value.dims() != var.dims() {
+            let current = param.tensor();
+            if value.dims() != current.dims() {
                 return Err(Error::bad_file(
                     &ckpt.dir,
                     format!(
                         "`{name}` has shape {:?} in the checkpoint, {:?} in the model",
                         value.dims(),
-                        var.dims()
+                        current.dims()
                     ),
                 ));
             }
-            var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            param.set_value(value)?;
         }
         self.optimizer
             .load_state(&ckpt.optimizer, ckpt.state.step)

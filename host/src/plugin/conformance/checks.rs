@@ -17,6 +17,10 @@ pub const MERGE_TOLERANCE: f64 = 1e-4;
 pub const ROUND_TRIP_TOLERANCE: f64 = 1e-6;
 /// Largest native/wasm difference accepted (DESIGN.md: bit-identical).
 pub const TRANSPORT_TOLERANCE: f64 = 0.0;
+/// Largest |Δ logit| allowed between incremental (KV-cached) decoding and a full forward.
+pub const CACHE_TOLERANCE: f64 = 1e-4;
+/// Tokens the cached decode starts with (the rest follow one at a time).
+const CACHE_PREFILL: usize = 3;
 /// Training steps compared between the transports.
 pub const TRAIN_STEPS: usize = 5;
 /// Learning rate of those steps (plain SGD).
@@ -132,6 +136,38 @@ pub fn handles(s: &Subject, inputs: &Inputs) -> Result<Outcome> {
     })
 }
 
+/// (h) Generation with a KV cache computes what a full forward does: the first row's logits
+/// from a prefill of a few tokens followed by one token at a time equal those of one forward
+/// over the whole row (virtual tokens and attention prefixes stay in the cache).
+pub fn kv_cache(s: &Subject, inputs: &Inputs) -> Result<Outcome> {
+    let ids = inputs.ids.narrow(0, 0, 1)?.contiguous()?;
+    let seq = ids.dim(1)?;
+    let mask = Tensor::ones((1, seq), candle_core::DType::U32, ids.device())?;
+    let full = s.model.forward(&ids, &mask, Mode::Eval)?;
+    let lm = s
+        .model
+        .as_causal_lm()
+        .ok_or_else(|| Error::config("the fixture model does not generate"))?;
+    let mut cache = lm.new_cache();
+    let mut parts = vec![lm.forward_cached(&ids.narrow(1, 0, CACHE_PREFILL)?, &mut cache)?];
+    for t in CACHE_PREFILL..seq {
+        parts.push(lm.forward_cached(&ids.narrow(1, t, 1)?, &mut cache)?);
+    }
+    let cached = Tensor::cat(&parts, 1)?;
+    let diff = fixture::max_abs_diff(&fixture::values(&full)?, &fixture::values(&cached)?);
+    let message = format!(
+        "prefill of {CACHE_PREFILL} + {} single tokens vs one forward: max |Δ logit| {diff:.2e} \
+         (cache holds {} positions for {seq} tokens)",
+        seq - CACHE_PREFILL,
+        cache.seq_len()
+    );
+    Ok(if diff <= CACHE_TOLERANCE {
+        Outcome::pass(diff, message)
+    } else {
+        Outcome::fail(diff, message)
+    })
+}
+
 /// (c) A backward pass gives every trainable parameter of the method a finite, non-zero gradient.
 pub fn gradients(s: &Subject, inputs: &Inputs) -> Result<Outcome> {
     let loss = s.loss(inputs, TRAIN_SEED)?;
@@ -182,7 +218,8 @@ pub fn gradients(s: &Subject, inputs: &Inputs) -> Result<Outcome> {
 pub fn frozen(s: &Subject, inputs: &Inputs) -> Result<Outcome> {
     let loss = s.loss(inputs, TRAIN_SEED)?;
     let grads = loss.backward()?;
-    let trained: BTreeSet<&str> = s.adapter.base_params().iter().map(|p| p.name()).collect();
+    let base = s.adapter.base_params();
+    let trained: BTreeSet<&str> = base.iter().map(|p| p.name()).collect();
     let mut problems = Vec::new();
     let mut checked = 0usize;
     for p in s.model.params().iter() {
