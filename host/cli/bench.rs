@@ -1,4 +1,5 @@
-//! `whet bench`: performance figures printed as JSON (our baselines; never asserted in tests).
+//! `whet bench`: performance figures printed as JSON (our baselines; never asserted in tests),
+//! and the method table (`whet bench methods`, Markdown).
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -13,6 +14,9 @@ use crate::model_arg::ModelOptions;
 pub enum BenchCommand {
     /// Time training steps (forward, backward, AdamW update) on random token batches.
     Train(TrainArgs),
+    /// Train each recipe (one process each) and print a Markdown table: held-out accuracy,
+    /// accuracy at start, trainable parameters, seconds per step, peak RSS.
+    Methods(crate::bench_methods::MethodsArgs),
 }
 
 /// Options of `whet bench train`.
@@ -48,6 +52,7 @@ pub struct TrainArgs {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Train(args) => train(args),
+        BenchCommand::Methods(args) => crate::bench_methods::run(args),
     }
 }
 

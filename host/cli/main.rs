@@ -6,6 +6,7 @@
 mod adapter_arg;
 mod assets;
 mod bench;
+mod bench_methods;
 mod demo;
 mod generate;
 mod inspect;

@@ -236,6 +236,10 @@ pub struct TrainingConfig {
     /// the end of each epoch and of the run whenever there is a validation set.
     #[serde(default)]
     pub eval_every: Option<usize>,
+    /// Also evaluate before the first step (the starting point: for a classifier, the
+    /// untrained head). Default false.
+    #[serde(default)]
+    pub eval_at_start: bool,
     /// Seed of the data order, the dropout masks and any random initialisation. The same seed
     /// gives the same loss sequence on CPU. Default 42.
     #[serde(default = "default_seed")]
@@ -332,6 +336,7 @@ impl Default for TrainingConfig {
             lr_scheduler: default_scheduler(),
             max_grad_norm: None,
             eval_every: None,
+            eval_at_start: false,
             seed: default_seed(),
             device: default_device(),
             log_every: default_log_every(),

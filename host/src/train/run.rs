@@ -76,6 +76,13 @@ pub struct RunSummary {
     pub total_params: usize,
     /// Training tokens per second (forward, backward and update time of this session).
     pub tokens_per_s: f64,
+    /// Mean seconds of forward, backward and update per optimizer step (this session).
+    pub seconds_per_step: f64,
+    /// Peak resident memory of the process in MiB, when the system reports it.
+    pub peak_rss_mb: Option<f64>,
+    /// Evaluation before the first step (with `training.eval_at_start`): the starting point,
+    /// e.g. the untrained classification head.
+    pub initial_eval: Option<EvalMetrics>,
     /// Wall time of the run in seconds (over all resumed sessions).
     pub elapsed_s: f64,
     /// Bad records skipped while reading the data.
@@ -111,6 +118,9 @@ impl fmt::Display for RunSummary {
             }
             s + &format!(" ({} examples)", m.examples)
         };
+        if let Some(m) = &self.initial_eval {
+            writeln!(f, "initial eval:     {}", describe(m))?;
+        }
         if let Some(m) = &self.final_eval {
             writeln!(f, "final eval:       {}", describe(m))?;
         }
@@ -129,7 +139,14 @@ impl fmt::Display for RunSummary {
             "trainable params: {} of {} ({share:.2}%)",
             self.trainable_params, self.total_params
         )?;
-        writeln!(f, "throughput:       {:.0} tokens/s", self.tokens_per_s)?;
+        writeln!(
+            f,
+            "throughput:       {:.0} tokens/s, {:.3} s/step",
+            self.tokens_per_s, self.seconds_per_step
+        )?;
+        if let Some(mb) = self.peak_rss_mb {
+            writeln!(f, "peak memory:      {mb:.0} MiB resident")?;
+        }
         writeln!(f, "elapsed:          {:.1} s", self.elapsed_s)?;
         writeln!(
             f,
@@ -301,6 +318,7 @@ struct Session<'a> {
     elapsed_before: f64,
     session_tokens: usize,
     session_train_s: f64,
+    session_steps: usize,
 }
 
 impl Session<'_> {
@@ -370,6 +388,7 @@ impl Session<'_> {
             loss: stats.loss,
         });
         self.session_tokens += stats.tokens;
+        self.session_steps += 1;
         self.session_train_s += stats.forward_s + stats.backward_s + stats.optimizer_s;
         let tokens_per_s = stats.tokens_per_s();
         if stats.step.is_multiple_of(self.training.log_every)
@@ -501,7 +520,13 @@ pub fn fit(
         started: Instant::now(),
         session_tokens: 0,
         session_train_s: 0.0,
+        session_steps: 0,
     };
+    let mut initial_eval = None;
+    if training.eval_at_start && s.state.step == 0 {
+        s.evaluate_now()?;
+        initial_eval = s.state.last_eval.map(|(_, m)| m);
+    }
     let accumulation = training.gradient_accumulation_steps;
     while s.state.step < total_steps {
         let epoch_batches = order.batches(s.state.epoch);
@@ -590,6 +615,13 @@ pub fn fit(
         } else {
             0.0
         },
+        seconds_per_step: if s.session_steps > 0 {
+            s.session_train_s / s.session_steps as f64
+        } else {
+            0.0
+        },
+        peak_rss_mb: crate::bench::peak_rss_mb(),
+        initial_eval,
         elapsed_s: s.elapsed_before + s.started.elapsed().as_secs_f64(),
         skipped_records: 0,
         train_examples: data.train.len(),

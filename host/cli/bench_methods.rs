@@ -1,0 +1,246 @@
+//! `whet bench methods`: trains each recipe in its own `whet train` process (so each run's peak
+//! memory is its own), then tabulates held-out accuracy, the starting accuracy, trainable
+//! parameters, seconds per step and peak RSS as a Markdown table, optionally written into a
+//! file between two marker lines (the README's method table is made this way).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+
+/// The line after which `--write` puts the table.
+pub const BEGIN_MARKER: &str = "<!-- whet bench methods: begin -->";
+/// The line before which `--write` ends the table.
+pub const END_MARKER: &str = "<!-- whet bench methods: end -->";
+
+/// Options of `whet bench methods`.
+#[derive(Debug, Args)]
+pub struct MethodsArgs {
+    /// The recipes to train, one row each (e.g. `examples/sentiment/*.toml`).
+    #[arg(required = true)]
+    recipes: Vec<PathBuf>,
+    /// Replace the table between the marker lines `<!-- whet bench methods: begin -->` and
+    /// `<!-- whet bench methods: end -->` of this file (e.g. README.md).
+    #[arg(long, value_name = "FILE")]
+    write: Option<PathBuf>,
+    /// Also save every run's summary (the JSON of `whet train --json`) here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Where the runs write their checkpoints (one folder per recipe).
+    #[arg(long, value_name = "DIR", default_value = "runs/bench-methods")]
+    output: PathBuf,
+    /// Cap every run at this many optimizer steps (for a quick look; the README table uses the
+    /// recipes as they are).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// A plugin manifest to search first (passed to every `whet train`); repeatable.
+    #[arg(long)]
+    plugin: Vec<PathBuf>,
+}
+
+/// One finished run.
+struct Row {
+    recipe: String,
+    method: String,
+    summary: Value,
+}
+
+/// Runs `whet bench methods`.
+pub fn run(args: MethodsArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the whet executable")?;
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
+    let mut rows = Vec::new();
+    for recipe in &args.recipes {
+        eprintln!("=== {}", recipe.display());
+        rows.push(train_one(&exe, recipe, &args)?);
+    }
+    let table = markdown(&rows, &args);
+    println!("{table}");
+    if let Some(path) = &args.json {
+        let all: Vec<Value> = rows
+            .iter()
+            .map(|r| serde_json::json!({"recipe": r.recipe, "method": r.method, "summary": r.summary}))
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&all)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.write {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let updated = replace_between_markers(&text, &table)
+            .with_context(|| format!("updating {}", path.display()))?;
+        std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote the table into {}", path.display());
+    }
+    Ok(())
+}
+
+/// Trains `recipe` in a child `whet train` with `eval_at_start` on and returns its summary.
+fn train_one(exe: &Path, recipe: &Path, args: &MethodsArgs) -> Result<Row> {
+    let text = std::fs::read_to_string(recipe)
+        .with_context(|| format!("reading {}", recipe.display()))?;
+    let mut doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", recipe.display()))?;
+    let stem = recipe
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "recipe".into());
+    let method = doc
+        .get("method")
+        .and_then(|m| m.get("kind"))
+        .and_then(|k| k.as_str())
+        .unwrap_or("partial")
+        .to_string();
+    let training = doc
+        .entry("training")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let Some(t) = training.as_table_mut() {
+        t.insert("eval_at_start".into(), toml::Value::Boolean(true));
+        if let Some(n) = args.max_steps {
+            t.insert("max_steps".into(), toml::Value::Integer(n as i64));
+        }
+    }
+    let out_dir = args.output.join(&stem);
+    let output = doc
+        .entry("output")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let Some(t) = output.as_table_mut() {
+        t.insert(
+            "dir".into(),
+            toml::Value::String(out_dir.to_string_lossy().into_owned()),
+        );
+    }
+    let patched = args.output.join(format!("{stem}.toml"));
+    std::fs::write(&patched, toml::to_string(&doc)?)
+        .with_context(|| format!("writing {}", patched.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("train")
+        .arg(&patched)
+        .args(["--json", "--no-progress"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for p in &args.plugin {
+        cmd.arg("--plugin").arg(p);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running whet train {}", patched.display()))?;
+    if !out.status.success() {
+        bail!(
+            "whet train {} failed ({}); its log is above",
+            recipe.display(),
+            out.status
+        );
+    }
+    let summary: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "reading the JSON summary of {} (stdout: {})",
+            recipe.display(),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    Ok(Row {
+        recipe: recipe.display().to_string(),
+        method,
+        summary,
+    })
+}
+
+/// Held-out accuracy of a summary: answer accuracy by generation for SFT, else the
+/// classification accuracy of the final evaluation.
+fn accuracy(summary: &Value, key: &str) -> Option<f64> {
+    if key == "final_eval" {
+        if let Some(a) = summary.pointer("/answers/accuracy").and_then(Value::as_f64) {
+            return Some(a);
+        }
+    }
+    summary.get(key)?.get("accuracy")?.as_f64()
+}
+
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "–".to_string(), |x| format!("{x:.digits$}"))
+}
+
+/// The Markdown table of `rows`, with the command that made it.
+fn markdown(rows: &[Row], args: &MethodsArgs) -> String {
+    let mut lines = vec![
+        "| recipe | method | held-out accuracy | at start | trainable params | % of model | s/step | peak RSS (MiB) | steps |".to_string(),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".to_string(),
+    ];
+    for r in rows {
+        let s = &r.summary;
+        let trainable = s.get("trainable_params").and_then(Value::as_u64);
+        let total = s.get("total_params").and_then(Value::as_u64);
+        let share = match (trainable, total) {
+            (Some(t), Some(n)) if n > 0 => Some(100.0 * t as f64 / n as f64),
+            _ => None,
+        };
+        lines.push(format!(
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.recipe,
+            r.method,
+            cell(accuracy(s, "final_eval"), 4),
+            cell(accuracy(s, "initial_eval"), 4),
+            trainable.map_or_else(|| "–".into(), |t| t.to_string()),
+            cell(share, 3),
+            cell(s.get("seconds_per_step").and_then(Value::as_f64), 3),
+            cell(s.get("peak_rss_mb").and_then(Value::as_f64), 0),
+            s.get("steps").and_then(Value::as_u64).unwrap_or(0),
+        ));
+    }
+    let recipes: Vec<String> = args
+        .recipes
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let mut command = format!("whet bench methods {}", recipes.join(" "));
+    if let Some(n) = args.max_steps {
+        command += &format!(" --max-steps {n}");
+    }
+    lines.push(String::new());
+    lines.push(format!(
+        "Generated by `{command}` ({} threads; \"at start\" is the accuracy before the first step).",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    ));
+    lines.join("\n")
+}
+
+/// `text` with the lines between [`BEGIN_MARKER`] and [`END_MARKER`] replaced by `table`.
+fn replace_between_markers(text: &str, table: &str) -> Result<String> {
+    let (Some(begin), Some(end)) = (text.find(BEGIN_MARKER), text.find(END_MARKER)) else {
+        bail!("no `{BEGIN_MARKER}` … `{END_MARKER}` lines to put the table between; add them");
+    };
+    if end < begin {
+        bail!("`{END_MARKER}` comes before `{BEGIN_MARKER}`");
+    }
+    let head = &text[..begin + BEGIN_MARKER.len()];
+    let tail = &text[end..];
+    Ok(format!("{head}\n{table}\n{tail}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_goes_between_the_markers_and_nowhere_else() {
+        let text = format!("intro\n{BEGIN_MARKER}\nold table\n{END_MARKER}\noutro\n");
+        let out = replace_between_markers(&text, "| new |").unwrap();
+        assert_eq!(out, format!("intro\n{BEGIN_MARKER}\n| new |\n{END_MARKER}\noutro\n"));
+        let again = replace_between_markers(&out, "| newer |").unwrap();
+        assert!(again.contains("| newer |") && !again.contains("| new |"));
+        assert!(replace_between_markers("no markers", "x").is_err());
+    }
+
+    #[test]
+    fn accuracy_prefers_answers_for_sft_runs() {
+        let sft = serde_json::json!({"answers": {"accuracy": 0.9}, "final_eval": {"accuracy": null}});
+        assert_eq!(accuracy(&sft, "final_eval"), Some(0.9));
+        let cls = serde_json::json!({"final_eval": {"accuracy": 0.93}, "initial_eval": {"accuracy": 0.5}});
+        assert_eq!(accuracy(&cls, "final_eval"), Some(0.93));
+        assert_eq!(accuracy(&cls, "initial_eval"), Some(0.5));
+    }
+}
