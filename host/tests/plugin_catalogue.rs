@@ -148,3 +148,64 @@ fn ia3_passes_conformance() {
     let merge = report.checks.iter().find(|c| c.name == "merge");
     assert_eq!(merge.map(|c| c.status), Some(Status::Pass), "{report}");
 }
+
+/// The status of `check` on the first build it ran on.
+fn status(report: &Report, check: &str) -> Option<Status> {
+    report
+        .checks
+        .iter()
+        .find(|c| c.name == check)
+        .map(|c| c.status)
+}
+
+/// Asserts what every model-level (prompt-learning) method shows: it wraps no linear (inject
+/// and merge skip), and cached decoding with its virtual tokens or prefix equals a full forward.
+fn assert_model_level(report: &Report) {
+    assert_eq!(status(report, "inject"), Some(Status::Skip), "{report}");
+    assert_eq!(status(report, "merge"), Some(Status::Skip), "{report}");
+    assert_eq!(status(report, "kv-cache"), Some(Status::Pass), "{report}");
+    let skipped: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|c| c.status == Status::Skip)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert!(
+        skipped.iter().all(|c| *c == "inject" || *c == "merge"),
+        "{report}"
+    );
+}
+
+/// Prompt tuning: 4 virtual tokens (`prompt_embeddings` `[4, 32]`) before the tiny Llama's
+/// input; the hooked forward, the KV cache and the save → load round trip agree.
+#[test]
+fn prompt_tuning_passes_conformance() {
+    let report = check_plugin("prompt-tuning", json!({"num_virtual_tokens": 4}));
+    assert_model_level(&report);
+    assert_eq!(figure(&report, "handles"), Some(0.0));
+}
+
+/// P-tuning: 4 virtual tokens from PEFT's MLP prompt encoder (embedding, three linear layers).
+#[test]
+fn p_tuning_passes_conformance() {
+    let report = check_plugin(
+        "p-tuning",
+        json!({"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
+    );
+    assert_model_level(&report);
+    assert_eq!(figure(&report, "handles"), Some(0.0));
+}
+
+/// Prefix tuning: a 3-position key/value prefix on both attention layers of the tiny Llama
+/// (grouped-query: 2 key/value heads of 8), plain and with PEFT's projection.
+#[test]
+fn prefix_tuning_passes_conformance() {
+    let report = check_plugin("prefix-tuning", json!({"num_virtual_tokens": 3}));
+    assert_model_level(&report);
+    assert_eq!(figure(&report, "handles"), Some(0.0));
+    let projected = check_plugin(
+        "prefix-tuning",
+        json!({"num_virtual_tokens": 3, "prefix_projection": true, "encoder_hidden_size": 12}),
+    );
+    assert_model_level(&projected);
+}
