@@ -209,3 +209,58 @@ fn prefix_tuning_passes_conformance() {
     );
     assert_model_level(&projected);
 }
+
+/// Asserts what a method that trains only base parameters shows on the tiny Llama (27 base
+/// tensors): it wraps nothing (inject and merge skip), every trained tensor gets a gradient, and
+/// exactly `trained` tensors are left out of the frozen check.
+fn assert_trains_base_params(report: &Report, trained: usize) {
+    let status_of = |name: &str| {
+        report
+            .checks
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.status)
+    };
+    assert_eq!(status_of("inject"), Some(Status::Skip), "{report}");
+    assert_eq!(status_of("merge"), Some(Status::Skip), "{report}");
+    assert_eq!(status_of("gradients"), Some(Status::Pass), "{report}");
+    assert_eq!(figure(report, "frozen"), Some((27 - trained) as f64));
+    let attach = report.checks.iter().find(|c| c.name == "attach");
+    let message = attach.map(|c| c.message.as_str()).unwrap_or_default();
+    assert!(
+        message.contains(&format!("{trained} trained base parameters")),
+        "{report}"
+    );
+}
+
+/// BitFit: only the biases train — the q/k/v biases of both blocks of the tiny Llama.
+#[test]
+fn bitfit_passes_conformance() {
+    let report = check_plugin("bitfit", json!({}));
+    assert_trains_base_params(&report, 6);
+    let query_only = check_plugin("bitfit", json!({"target_modules": ["q_proj"]}));
+    assert_trains_base_params(&query_only, 2);
+}
+
+/// LN tuning with PEFT's Llama default: both RMSNorms of both blocks and the final norm.
+#[test]
+fn ln_tuning_passes_conformance() {
+    let report = check_plugin("ln-tuning", json!({}));
+    assert_trains_base_params(&report, 5);
+}
+
+/// Layer-wise, gradual unfreezing at step 0: the top block (12 tensors with the q/k/v biases),
+/// the final norm and the untied `lm_head` train; the embeddings and block 0 stay frozen.
+#[test]
+fn layerwise_passes_conformance() {
+    let report = check_plugin(
+        "layerwise",
+        json!({"schedule": "gradual", "unfreeze_every": 2}),
+    );
+    assert_trains_base_params(&report, 14);
+    let all = check_plugin(
+        "layerwise",
+        json!({"schedule": "last_n", "last_n_layers": 2, "train_embeddings": true}),
+    );
+    assert_trains_base_params(&all, 27);
+}
