@@ -25,8 +25,8 @@ pub fn weight_norm(weight: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Res
 }
 
 /// Creates `m`, initialised as PEFT does to the row norms of `W + s·B·A` with the factors'
-/// initial values (`‖W‖` when `B` starts at zero), so the adapter starts as the base model.
-/// `lora_A.weight` and `lora_B.weight` must exist.
+/// initial values (`‖W‖` when `B` starts at zero), so the module starts as plain LoRA with the
+/// same factors (the base module when `B = 0`). `lora_A.weight` and `lora_B.weight` must exist.
 pub fn add_magnitude(layer: &mut Linear, scaling: f64) -> Result<()> {
     let norm = weight_norm(
         &layer.base_weight()?,
