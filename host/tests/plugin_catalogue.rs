@@ -264,3 +264,50 @@ fn layerwise_passes_conformance() {
     );
     assert_trains_base_params(&all, 27);
 }
+
+/// Prompt tuning's `TEXT` and `SAMPLE_VOCAB` inits copy rows of the tiny Llama's input
+/// embeddings: `TEXT` those of the given token ids, repeated to the number of virtual tokens;
+/// `SAMPLE_VOCAB` those of tokens drawn from the attach seed (same seed, same tokens).
+#[test]
+fn prompt_tuning_inits_copy_input_embedding_rows() {
+    use whetstone_host::model::llama::Llama;
+    use whetstone_host::model::Model;
+    use whetstone_host::plugin::method::MethodAdapter;
+    use whetstone_host::plugin::{Plugin, TransportKind};
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/prompt-tuning");
+    let out = tempfile::tempdir().unwrap();
+    let opts = BuildOptions {
+        native: true,
+        wasm: false,
+        out_dir: Some(out.path().to_path_buf()),
+        release: false,
+    };
+    let plugin = Plugin::load(&build::build(&dir, &opts).unwrap(), TransportKind::Native).unwrap();
+    // The virtual tokens and the embedding matrix, after attaching with `config` and `seed`.
+    let attach = |config: Value, seed: u64| -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let device = candle_core::Device::Cpu;
+        let model = Llama::random(&conformance::tiny_config(), &device, 1).unwrap();
+        let adapter =
+            MethodAdapter::attach(&model, plugin.clone(), "default", config, seed).unwrap();
+        let prompts = adapter.params()[0].tensor().to_vec2::<f32>().unwrap();
+        let embed = model.params().get("model.embed_tokens.weight").unwrap();
+        (prompts, embed.tensor().to_vec2::<f32>().unwrap())
+    };
+
+    let text = json!({"num_virtual_tokens": 4, "prompt_tuning_init": "TEXT",
+                      "prompt_tuning_init_text": "w3 w7 w9", "tokenizer_name_or_path": "tiny",
+                      "prompt_tuning_init_token_ids": [3, 7, 9]});
+    let (prompts, embed) = attach(text, 17);
+    let want: Vec<Vec<f32>> = [3, 7, 9, 3].iter().map(|&i| embed[i].clone()).collect();
+    assert_eq!(prompts, want);
+
+    let sample = json!({"num_virtual_tokens": 6, "prompt_tuning_init": "SAMPLE_VOCAB"});
+    let (a, embed) = attach(sample.clone(), 17);
+    assert!(
+        a.iter().all(|row| embed.contains(row)),
+        "rows of the vocabulary"
+    );
+    assert_eq!(attach(sample.clone(), 17).0, a, "same seed, same tokens");
+    assert_ne!(attach(sample, 18).0, a, "another seed, other tokens");
+}

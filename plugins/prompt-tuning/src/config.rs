@@ -55,6 +55,11 @@ pub struct PromptTuningConfig {
     /// as PEFT's `tokenizer(text)["input_ids"]`).
     #[serde(default)]
     pub prompt_tuning_init_token_ids: Option<Vec<u32>>,
+    /// The tokenizer of `"TEXT"` init: bookkeeping here (the host tokenizes with the model's own
+    /// tokenizer), but required with `"TEXT"` as PEFT requires it, so that the saved adapter
+    /// loads in Python.
+    #[serde(default)]
+    pub tokenizer_name_or_path: Option<String>,
     /// A loaded adapter: the parameter's value comes from the file, so no init runs (as in
     /// PEFT, which skips `TEXT` and `SAMPLE_VOCAB` init in inference mode).
     #[serde(default)]
@@ -79,8 +84,6 @@ const BOOKKEEPING: &[&str] = &[
     // Filled in by PEFT from the model config; prompt tuning's shape does not depend on them.
     "num_attention_heads",
     "num_layers",
-    // The host tokenizes `prompt_tuning_init_text` with the model's own tokenizer.
-    "tokenizer_name_or_path",
 ];
 
 /// Whether a value is PEFT's "off" for a feature (so the field can be ignored).
@@ -125,6 +128,19 @@ impl PromptTuningConfig {
                  into prompt_tuning_init_token_ids (a list of token ids); give them yourself or \
                  use a host that tokenizes it"
             }));
+        }
+        if self.prompt_tuning_init == PromptTuningInit::Text
+            && self
+                .tokenizer_name_or_path
+                .as_deref()
+                .unwrap_or("")
+                .is_empty()
+        {
+            return Err(Error::config(
+                "prompt_tuning_init = \"TEXT\" needs tokenizer_name_or_path (the base model's \
+                 Hugging Face name): the host tokenizes with the model's own tokenizer, but PEFT \
+                 refuses to load a TEXT adapter without it",
+            ));
         }
         if self
             .prompt_tuning_init_token_ids
@@ -224,7 +240,8 @@ pub fn fields() -> Vec<ConfigField> {
             "tokenizer_name_or_path",
             "string",
             "null",
-            "bookkeeping (the host uses the model's tokenizer)",
+            "required with TEXT, as PEFT requires it (the host tokenizes with the model's own \
+             tokenizer)",
         ),
         field(
             "modules_to_save",
@@ -289,15 +306,22 @@ mod tests {
     fn text_init_needs_token_ids_and_unsupported_fields_are_named() {
         let text = parse(
             r#"{"num_virtual_tokens": 8, "prompt_tuning_init": "TEXT",
-                "prompt_tuning_init_text": "Classify"}"#,
+                "prompt_tuning_init_text": "Classify", "tokenizer_name_or_path": "m"}"#,
         );
         let err = text.validate().unwrap_err().to_string();
         assert!(err.contains("prompt_tuning_init_token_ids"), "{err}");
         let ok = parse(
             r#"{"num_virtual_tokens": 8, "prompt_tuning_init": "TEXT",
-                "prompt_tuning_init_text": "Classify", "prompt_tuning_init_token_ids": [5, 6]}"#,
+                "prompt_tuning_init_text": "Classify", "prompt_tuning_init_token_ids": [5, 6],
+                "tokenizer_name_or_path": "m"}"#,
         );
         ok.validate().unwrap();
+        let anonymous = parse(
+            r#"{"num_virtual_tokens": 8, "prompt_tuning_init": "TEXT",
+                "prompt_tuning_init_text": "Classify", "prompt_tuning_init_token_ids": [5, 6]}"#,
+        );
+        let err = anonymous.validate().unwrap_err().to_string();
+        assert!(err.contains("tokenizer_name_or_path"), "{err}");
         let seq2seq = parse(r#"{"num_virtual_tokens": 8, "num_transformer_submodules": 2}"#);
         let err = seq2seq.validate().unwrap_err().to_string();
         assert!(err.contains("encoder-decoder"), "{err}");
