@@ -23,7 +23,6 @@ mod init;
 use whetstone_sdk::prelude::*;
 
 pub use config::{PromptTuningConfig, PromptTuningInit};
-pub use init::repeat_to;
 
 /// The key PEFT saves the virtual token embeddings under.
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
@@ -54,7 +53,7 @@ impl PromptTuning {
                     .prompt_tuning_init_token_ids
                     .as_deref()
                     .unwrap_or(&[]);
-                repeat_to(ids, n)
+                init::repeat_to(ids, n)
             }
             PromptTuningInit::SampleVocab => init::sample_vocab(n, model.vocab_size)?,
         };
