@@ -68,8 +68,8 @@ pub fn run(args: MethodsArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.write {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let updated = replace_between_markers(&text, &table)
             .with_context(|| format!("updating {}", path.display()))?;
         std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))?;
@@ -80,8 +80,8 @@ pub fn run(args: MethodsArgs) -> Result<()> {
 
 /// Trains `recipe` in a child `whet train` with `eval_at_start` on and returns its summary.
 fn train_one(exe: &Path, recipe: &Path, args: &MethodsArgs) -> Result<Row> {
-    let text = std::fs::read_to_string(recipe)
-        .with_context(|| format!("reading {}", recipe.display()))?;
+    let text =
+        std::fs::read_to_string(recipe).with_context(|| format!("reading {}", recipe.display()))?;
     let mut doc: toml::Table =
         toml::from_str(&text).with_context(|| format!("parsing {}", recipe.display()))?;
     let stem = recipe
@@ -229,7 +229,10 @@ mod tests {
     fn the_table_goes_between_the_markers_and_nowhere_else() {
         let text = format!("intro\n{BEGIN_MARKER}\nold table\n{END_MARKER}\noutro\n");
         let out = replace_between_markers(&text, "| new |").unwrap();
-        assert_eq!(out, format!("intro\n{BEGIN_MARKER}\n| new |\n{END_MARKER}\noutro\n"));
+        assert_eq!(
+            out,
+            format!("intro\n{BEGIN_MARKER}\n| new |\n{END_MARKER}\noutro\n")
+        );
         let again = replace_between_markers(&out, "| newer |").unwrap();
         assert!(again.contains("| newer |") && !again.contains("| new |"));
         assert!(replace_between_markers("no markers", "x").is_err());
@@ -237,7 +240,8 @@ mod tests {
 
     #[test]
     fn accuracy_prefers_answers_for_sft_runs() {
-        let sft = serde_json::json!({"answers": {"accuracy": 0.9}, "final_eval": {"accuracy": null}});
+        let sft =
+            serde_json::json!({"answers": {"accuracy": 0.9}, "final_eval": {"accuracy": null}});
         assert_eq!(accuracy(&sft, "final_eval"), Some(0.9));
         let cls = serde_json::json!({"final_eval": {"accuracy": 0.93}, "initial_eval": {"accuracy": 0.5}});
         assert_eq!(accuracy(&cls, "final_eval"), Some(0.93));
