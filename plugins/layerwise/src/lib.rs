@@ -69,15 +69,17 @@ impl Layerwise {
                 plan.num_layers
             ),
         };
+        // The parts outside the blocks that train here (a BERT has no final norm).
+        let present = |part: Part| chosen.iter().any(|n| part_of(n) == part);
         let mut extras = Vec::new();
-        if self.cfg.train_head {
-            extras.push("head");
-        }
-        if self.cfg.train_final_norm {
-            extras.push("final norm");
-        }
-        if self.cfg.train_embeddings {
-            extras.push("embeddings");
+        for (part, label) in [
+            (Part::Head, "head"),
+            (Part::FinalNorm, "final norm"),
+            (Part::Embeddings, "embeddings"),
+        ] {
+            if present(part) {
+                extras.push(label);
+            }
         }
         if self
             .cfg
