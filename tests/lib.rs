@@ -85,7 +85,8 @@ fn build_plugin(id: &str) -> PathBuf {
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     let manifest = format!(
         "id = \"{id}\"\nversion = \"0.1.0\"\nkinds = [\"method\"]\nsdk_version = \"0.1.0\"\n\
-         contract = \"0.1\"\n\n[artifacts]\nnative = {:?}\n",
+         contract = \"{}\"\n\n[artifacts]\nnative = {:?}\n",
+        whetstone_host::plugin::HOST_CONTRACT,
         library.display().to_string()
     );
     // Written aside and renamed, so concurrent test binaries never read half a file.

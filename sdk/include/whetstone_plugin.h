@@ -1,4 +1,4 @@
-/* The Whetstone native plugin ABI: the C form of the WIT package sdk/wit/0.1.0. */
+/* The Whetstone native plugin ABI: the C form of the WIT package sdk/wit/0.2.0. */
 
 #ifndef WHETSTONE_PLUGIN_H
 #define WHETSTONE_PLUGIN_H
@@ -9,7 +9,7 @@
 #include <stdint.h>
 
 // The native vtable's version. Bumped with every incompatible change (a new WIT folder).
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 
 // Status of a call: [`WS_OK`] or [`WS_ERROR`].
 typedef int32_t WsStatus;
@@ -82,6 +82,8 @@ typedef struct WsHostApi {
   WsStatus (*param)(void *ctx, struct WsStr module, struct WsStr name, uint64_t *out);
   // `base-param`.
   WsStatus (*base_param)(void *ctx, struct WsStr name, uint64_t *out);
+  // `grad`: `*present` 0 when the parameter got no gradient.
+  WsStatus (*grad)(void *ctx, uint64_t t, uint32_t *present, uint64_t *out);
   // `mode`: 0 train, 1 eval.
   uint32_t (*mode)(void *ctx);
   // `step`.
@@ -136,11 +138,14 @@ typedef struct WsLinearInfo {
 } WsLinearInfo;
 
 // A lifecycle event ([`crate::Event`]): `kind` 0 train-start, 1 step-end(`step`, `loss`),
-// 2 epoch-end(`step` holds the epoch), 3 train-end.
+// 2 epoch-end(`step` holds the epoch), 3 train-end, 4 task-start(`task`),
+// 5 task-gradient(`task`, `step` holds the example), 6 task-end(`task`).
 typedef struct WsEvent {
   // Which event.
   uint32_t kind;
-  // Step or epoch.
+  // The task of the task events.
+  uint32_t task;
+  // Step, epoch or example.
   uint64_t step;
   // Loss for step-end.
   double loss;
@@ -195,6 +200,8 @@ typedef struct WsPluginVtable {
   WsStatus (*loss_term)(uint32_t instance, uint32_t *present, uint64_t *out);
   // `on-event`.
   WsStatus (*on_event)(uint32_t instance, struct WsEvent event);
+  // `task-gradient-examples`.
+  WsStatus (*task_gradient_examples)(uint32_t instance, uint32_t *out);
   // `create-loss`.
   WsStatus (*create_loss)(struct WsStr config, uint32_t *out);
   // `compute-loss`: `has_teacher` 0 or 1.

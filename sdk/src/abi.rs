@@ -1,5 +1,5 @@
 //! The C ABI of native plugins, version [`ABI_VERSION`]: the same interface as the WIT package
-//! `sdk/wit/0.1.0`, as `#[repr(C)]` tables of function pointers.
+//! `sdk/wit/0.2.0`, as `#[repr(C)]` tables of function pointers.
 //!
 //! A native plugin exports one symbol, [`ENTRY_SYMBOL`], of type [`EntryFn`]. The host calls it
 //! with its [`WsHostApi`] and gets the plugin's [`WsPluginVtable`] back. Both tables start with
@@ -14,7 +14,7 @@
 use std::ffi::c_void;
 
 /// The native vtable's version. Bumped with every incompatible change (a new WIT folder).
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The symbol every native plugin exports.
 pub const ENTRY_SYMBOL: &str = "whetstone_plugin_entry";
@@ -121,13 +121,16 @@ pub struct WsModelInfo {
 }
 
 /// A lifecycle event ([`crate::Event`]): `kind` 0 train-start, 1 step-end(`step`, `loss`),
-/// 2 epoch-end(`step` holds the epoch), 3 train-end.
+/// 2 epoch-end(`step` holds the epoch), 3 train-end, 4 task-start(`task`),
+/// 5 task-gradient(`task`, `step` holds the example), 6 task-end(`task`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct WsEvent {
     /// Which event.
     pub kind: u32,
-    /// Step or epoch.
+    /// The task of the task events.
+    pub task: u32,
+    /// Step, epoch or example.
     pub step: u64,
     /// Loss for step-end.
     pub loss: f64,
@@ -204,6 +207,13 @@ pub struct WsHostApi {
     /// `base-param`.
     pub base_param:
         unsafe extern "C-unwind" fn(ctx: *mut c_void, name: WsStr, out: *mut u64) -> WsStatus,
+    /// `grad`: `*present` 0 when the parameter got no gradient.
+    pub grad: unsafe extern "C-unwind" fn(
+        ctx: *mut c_void,
+        t: u64,
+        present: *mut u32,
+        out: *mut u64,
+    ) -> WsStatus,
     /// `mode`: 0 train, 1 eval.
     pub mode: unsafe extern "C-unwind" fn(ctx: *mut c_void) -> u32,
     /// `step`.
@@ -297,6 +307,9 @@ pub struct WsPluginVtable {
         unsafe extern "C-unwind" fn(instance: u32, present: *mut u32, out: *mut u64) -> WsStatus,
     /// `on-event`.
     pub on_event: unsafe extern "C-unwind" fn(instance: u32, event: WsEvent) -> WsStatus,
+    /// `task-gradient-examples`.
+    pub task_gradient_examples:
+        unsafe extern "C-unwind" fn(instance: u32, out: *mut u32) -> WsStatus,
     /// `create-loss`.
     pub create_loss: unsafe extern "C-unwind" fn(config: WsStr, out: *mut u32) -> WsStatus,
     /// `compute-loss`: `has_teacher` 0 or 1.

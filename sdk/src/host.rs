@@ -2,7 +2,8 @@
 //! files a data loader may read.
 //!
 //! Most plugins only need [`crate::Linear`]'s methods; these are for model-level parameters
-//! (prompt tuning, prefix tuning), penalties over base weights (EWC) and data loaders.
+//! (prompt tuning, prefix tuning), penalties over base weights and their gradients (EWC) and data
+//! loaders.
 
 use crate::sys;
 use crate::types::{Init, Mode};
@@ -24,6 +25,14 @@ pub fn param(module: &str, name: &str) -> Result<Tensor> {
 /// The current value of a base-model parameter (e.g. `model.layers.0.self_attn.q_proj.weight`).
 pub fn base_param(name: &str) -> Result<Tensor> {
     Ok(Tensor::from_handle(sys::base_param(name)?))
+}
+
+/// The gradient of the data loss with respect to `param` (a value from [`param`] or
+/// [`base_param`]) while the host handles an [`crate::Event::TaskGradient`]; `None` when the
+/// parameter got no gradient (frozen, or not part of the forward pass). Asking at any other time
+/// is an error.
+pub fn grad(param: &Tensor) -> Result<Option<Tensor>> {
+    Ok(sys::grad(param.handle())?.map(Tensor::from_handle))
 }
 
 /// Whether the host is training or evaluating.

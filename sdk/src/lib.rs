@@ -5,7 +5,7 @@
 //! call one registration macro. Built as a `cdylib` for the machine, the plugin exports a
 //! versioned C vtable ([`abi`]); built for `wasm32-unknown-unknown` and componentized (`whet
 //! plugin build --wasm`), it exports a WebAssembly component of the WIT world
-//! `whetstone:plugin/whetstone-plugin` (shipped in this crate under `wit/0.1.0/`). The source is
+//! `whetstone:plugin/whetstone-plugin` (shipped in this crate under `wit/0.2.0/`). The source is
 //! the same for both, and so are the results.
 //!
 //! Tensors stay in the host: a plugin holds [`Tensor`] handles and computes with them through
@@ -48,7 +48,8 @@
 //! ## The contract
 //!
 //! The host accepts plugins whose [`CONTRACT_VERSION`] has its own major version and a minor
-//! version no newer than its own, and refuses others with a message naming both. Handles
+//! version no newer than its own (before 1.0: exactly its own version, as every 0.x minor
+//! version breaks the contract), and refuses others with a message naming both. Handles
 //! passed into a plugin's hook belong to the plugin (its `Tensor`s release them on drop); a
 //! handle it returns belongs to the host again.
 
@@ -57,6 +58,7 @@
 extern crate self as whetstone_sdk;
 
 pub mod abi;
+pub mod config;
 mod error;
 pub mod host;
 mod loader;
@@ -86,11 +88,11 @@ pub use types::{
 /// Version of this SDK crate, stamped into every plugin built with it.
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The contract version this SDK speaks: the WIT package `wit/0.1.0` and [`abi::ABI_VERSION`].
-pub const CONTRACT_VERSION: ContractVersion = ContractVersion { major: 0, minor: 1 };
+/// The contract version this SDK speaks: the WIT package `wit/0.2.0` and [`abi::ABI_VERSION`].
+pub const CONTRACT_VERSION: ContractVersion = ContractVersion { major: 0, minor: 2 };
 
 /// The WIT package text of [`CONTRACT_VERSION`].
-pub const WIT: &str = include_str!("../wit/0.1.0/whetstone.wit");
+pub const WIT: &str = include_str!("../wit/0.2.0/whetstone.wit");
 
 /// Everything a plugin usually needs.
 pub mod prelude {
@@ -114,8 +116,12 @@ pub struct ContractVersion {
 
 impl ContractVersion {
     /// Whether a plugin built against `self` can be loaded by a host that implements `host`:
-    /// same major version, and the host is at least as new.
+    /// same major version and the host at least as new; while the major version is 0 every
+    /// minor version is a breaking one (Cargo's semver rule), so it must match exactly.
     pub fn is_compatible_with(self, host: ContractVersion) -> bool {
+        if host.major == 0 {
+            return self == host;
+        }
         self.major == host.major && self.minor <= host.minor
     }
 
@@ -251,8 +257,16 @@ mod tests {
         assert!(!ContractVersion { major: 1, minor: 3 }.is_compatible_with(host));
         assert!(!ContractVersion { major: 0, minor: 1 }.is_compatible_with(host));
         assert_eq!(host.to_string(), "1.2");
-        assert_eq!(ContractVersion::parse("0.1"), Some(CONTRACT_VERSION));
+        assert_eq!(ContractVersion::parse("0.2"), Some(CONTRACT_VERSION));
         assert_eq!(ContractVersion::parse("x"), None);
+    }
+
+    #[test]
+    fn before_1_0_only_the_same_minor_is_compatible() {
+        let host = ContractVersion { major: 0, minor: 2 };
+        assert!(host.is_compatible_with(host));
+        assert!(!ContractVersion { major: 0, minor: 1 }.is_compatible_with(host));
+        assert!(!ContractVersion { major: 0, minor: 3 }.is_compatible_with(host));
     }
 
     #[test]

@@ -88,6 +88,15 @@ pub trait PeftMethod: Send + 'static {
     fn on_event(&mut self, _event: &Event) -> Result<()> {
         Ok(())
     }
+
+    /// How many training examples of each finished task of a continual-learning run the
+    /// method wants gradients for (default: none). The host then runs forward and backward on
+    /// that many examples, one at a time, and sends an [`Event::TaskGradient`] after each, during
+    /// which [`crate::host::grad`] reads the gradients (EWC estimates its Fisher information
+    /// this way).
+    fn task_gradient_examples(&self) -> Result<usize> {
+        Ok(0)
+    }
 }
 
 /// A linear module of the base model that a method wraps.

@@ -169,6 +169,14 @@ pub(crate) mod host {
         check(api, status).map(|_| out)
     }
 
+    pub(crate) fn grad(t: u64) -> Result<Option<u64>> {
+        let api = api()?;
+        let (mut present, mut out) = (0u32, 0u64);
+        // SAFETY: plain values; `present` and `out` writable.
+        let status = unsafe { (api.grad)(api.ctx, t, &mut present, &mut out) };
+        check(api, status).map(|_| (present != 0).then_some(out))
+    }
+
     pub(crate) fn mode() -> Mode {
         match api() {
             // SAFETY: plain value call.
@@ -464,9 +472,24 @@ unsafe extern "C-unwind" fn on_event(instance: u32, event: WsEvent) -> WsStatus 
             },
             2 => Event::EpochEnd(event.step as u32),
             3 => Event::TrainEnd,
+            4 => Event::TaskStart(event.task),
+            5 => Event::TaskGradient {
+                task: event.task,
+                example: event.step as u32,
+            },
+            6 => Event::TaskEnd(event.task),
             other => return Err(Error::Host(format!("unknown event kind {other}"))),
         };
         runtime::on_event(instance, &event)
+    })
+}
+
+unsafe extern "C-unwind" fn task_gradient_examples(instance: u32, out: *mut u32) -> WsStatus {
+    status("task-gradient-examples", || {
+        let n = runtime::task_gradient_examples(instance)?;
+        // SAFETY: writable out.
+        unsafe { *out = n };
+        Ok(())
     })
 }
 
@@ -546,6 +569,7 @@ static VTABLE: WsPluginVtable = WsPluginVtable {
     trainable_base_params,
     loss_term,
     on_event,
+    task_gradient_examples,
     create_loss,
     compute_loss,
     create_loader,

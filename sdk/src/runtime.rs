@@ -82,6 +82,7 @@ pub trait DynMethod: Send {
     fn trainable_base_params(&self, names: &[String]) -> Result<Vec<String>>;
     fn loss_term(&self) -> Result<Option<Tensor>>;
     fn on_event(&mut self, event: &Event) -> Result<()>;
+    fn task_gradient_examples(&self) -> Result<usize>;
 }
 
 impl<M: PeftMethod> DynMethod for M {
@@ -114,6 +115,9 @@ impl<M: PeftMethod> DynMethod for M {
     }
     fn on_event(&mut self, event: &Event) -> Result<()> {
         PeftMethod::on_event(self, event)
+    }
+    fn task_gradient_examples(&self) -> Result<usize> {
+        PeftMethod::task_gradient_examples(self)
     }
 }
 
@@ -284,6 +288,14 @@ pub fn loss_term(instance: u32) -> Result<Option<Tensor>> {
 /// The `on-event` export.
 pub fn on_event(instance: u32, event: &Event) -> Result<()> {
     with_method(instance, |s| s.method.on_event(event))
+}
+
+/// The `task-gradient-examples` export.
+pub fn task_gradient_examples(instance: u32) -> Result<u32> {
+    with_method(instance, |s| {
+        let n = s.method.task_gradient_examples()?;
+        u32::try_from(n).map_err(|_| Error::msg(format!("{n} task-gradient examples is too many")))
+    })
 }
 
 /// The `create-loss` export.

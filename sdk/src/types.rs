@@ -284,6 +284,18 @@ pub enum Event {
     EpochEnd(u32),
     /// After the last step.
     TrainEnd,
+    /// A continual-learning run starts task `index` (0-based) of its task sequence.
+    TaskStart(u32),
+    /// After task `task` trained, the host ran forward and backward (data loss only) on its
+    /// training example number `example`; [`crate::host::grad`] reads the gradients now.
+    TaskGradient {
+        /// The task that just finished training.
+        task: u32,
+        /// 0-based, below [`crate::PeftMethod::task_gradient_examples`].
+        example: u32,
+    },
+    /// Task `index` is finished (after its gradient pass).
+    TaskEnd(u32),
 }
 
 /// What kind of component a plugin provides.

@@ -1,4 +1,4 @@
-//! The WebAssembly transport: bindings generated from the WIT package `wit/0.1.0`, host calls
+//! The WebAssembly transport: bindings generated from the WIT package `wit/0.2.0`, host calls
 //! through its imports, and [`Component`], whose `plugin` exports adapt to [`crate::runtime`].
 
 use std::marker::PhantomData;
@@ -10,7 +10,7 @@ use crate::{Error, Result, Tensor};
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "wit/0.1.0",
+        path: "wit/0.2.0",
         world: "whetstone-plugin",
         pub_export_macro: true,
         export_macro_name: "export_whetstone_plugin",
@@ -92,6 +92,10 @@ pub(crate) mod host {
 
     pub(crate) fn base_param(name: &str) -> Result<u64> {
         imports::base_param(name).map_err(host_err)
+    }
+
+    pub(crate) fn grad(t: u64) -> Result<Option<u64>> {
+        imports::grad(t).map_err(host_err)
     }
 
     pub(crate) fn mode() -> Mode {
@@ -264,8 +268,17 @@ impl<P: Provider> exports::Guest for Component<P> {
             wit::Event::StepEnd((step, loss)) => Event::StepEnd { step, loss },
             wit::Event::EpochEnd(epoch) => Event::EpochEnd(epoch),
             wit::Event::TrainEnd => Event::TrainEnd,
+            wit::Event::TaskStart(task) => Event::TaskStart(task),
+            wit::Event::TaskGradient((task, example)) => Event::TaskGradient { task, example },
+            wit::Event::TaskEnd(task) => Event::TaskEnd(task),
         };
         out("on-event", || runtime::on_event(instance, &event))
+    }
+
+    fn task_gradient_examples(instance: u32) -> std::result::Result<u32, String> {
+        out("task-gradient-examples", || {
+            runtime::task_gradient_examples(instance)
+        })
     }
 
     fn create_loss(config: String) -> std::result::Result<u32, String> {

@@ -1,15 +1,17 @@
 //! Where PEFT methods attach to a model: a hook slot on every [`crate::ops::Linear`], a
 //! model-level [`ModelHook`] (input embeddings, attention prefixes), and the forward context
-//! (mode, step, seeded generator, the model hook) that hooks read.
+//! (mode, step, seeded generator, the model hook, gradients of a task's gradient pass) that
+//! hooks read.
 //!
 //! The model code stays unaware of methods: a linear layer computes its frozen output and, when
 //! a [`LinearHook`] is installed, hands it `(x, base_out)` and returns what the hook returns; a
 //! model asks its context's [`ModelHook`] for extra virtual tokens and key/value prefixes
 //! (see [`super::prompt`]).
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -70,6 +72,8 @@ pub struct ForwardContext {
     step: AtomicU64,
     rng: Mutex<StdRng>,
     model_hook: RwLock<Option<Arc<dyn ModelHook>>>,
+    gradients: RwLock<Option<Arc<GradStore>>>,
+    gradient_pass: AtomicBool,
 }
 
 impl Default for ForwardContext {
@@ -79,6 +83,8 @@ impl Default for ForwardContext {
             step: AtomicU64::new(0),
             rng: Mutex::new(StdRng::seed_from_u64(0)),
             model_hook: RwLock::new(None),
+            gradients: RwLock::new(None),
+            gradient_pass: AtomicBool::new(false),
         }
     }
 }
@@ -98,6 +104,39 @@ impl ForwardContext {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Publishes the gradients of a backward pass for plugins to read (`grad`) during a
+    /// `task-gradient` event; `None` withdraws them.
+    pub fn set_gradients(&self, gradients: Option<Arc<GradStore>>) {
+        match self.gradients.write() {
+            Ok(mut guard) => *guard = gradients,
+            Err(poisoned) => *poisoned.into_inner() = gradients,
+        }
+    }
+
+    /// The gradient of `param` in the published gradients: `Err` when none are published,
+    /// `Ok(None)` when `param` got no gradient.
+    pub fn gradient_of(&self, param: &Tensor) -> std::result::Result<Option<Tensor>, String> {
+        let guard = match self.gradients.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let store = guard.as_ref().ok_or_else(|| {
+            "no gradients to read: `grad` answers only during a task-gradient event".to_string()
+        })?;
+        Ok(store.get(param).cloned())
+    }
+
+    /// Marks a gradient pass: forwards run in [`Mode::Eval`] (no dropout) yet plugin parameters
+    /// stay attached to the graph, so that their gradients can be read.
+    pub fn set_gradient_pass(&self, on: bool) {
+        self.gradient_pass.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether a gradient pass is running.
+    pub fn in_gradient_pass(&self) -> bool {
+        self.gradient_pass.load(Ordering::Relaxed)
     }
 
     /// Sets the mode of the forward about to run.

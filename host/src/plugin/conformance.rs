@@ -362,7 +362,7 @@ mod tests {
             version: "0.1.0".into(),
             kinds: vec![whetstone_sdk::PluginKind::Method],
             sdk_version: "0.1.0".into(),
-            contract: "0.1".into(),
+            contract: whetstone_sdk::CONTRACT_VERSION.to_string(),
             description: String::new(),
             artifacts: Artifacts {
                 native: native.then(|| PathBuf::from("libm.so")),

@@ -5,7 +5,7 @@
 //! version = "0.1.0"
 //! kinds = ["method"]
 //! sdk_version = "0.1.0"
-//! contract = "0.1"
+//! contract = "0.2"
 //! description = "LoRA (Hu et al. 2021) with PEFT's configuration"
 //!
 //! [artifacts]          # paths relative to this file; at least one
@@ -146,7 +146,7 @@ mod tests {
             version: "0.1.0".into(),
             kinds: vec![PluginKind::Method],
             sdk_version: "0.1.0".into(),
-            contract: "0.1".into(),
+            contract: whetstone_sdk::CONTRACT_VERSION.to_string(),
             description: String::new(),
             artifacts: Artifacts {
                 native: Some("liblora.so".into()),

@@ -413,4 +413,13 @@ impl MethodAdapter {
         let _exclusive = self.enter();
         self.plugin.transport.on_event(self.instance, event)
     }
+
+    /// How many examples of each finished task the method wants gradients for.
+    pub fn task_gradient_examples(&self) -> Result<usize> {
+        let _exclusive = self.enter();
+        Ok(self
+            .plugin
+            .transport
+            .task_gradient_examples(self.instance)? as usize)
+    }
 }

@@ -82,6 +82,16 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
+/// The contract versions this host accepts, in words.
+fn accepted_range() -> String {
+    if HOST_CONTRACT.major == 0 {
+        // Before 1.0 every minor version breaks the contract.
+        format!("only {HOST_CONTRACT}")
+    } else {
+        format!("{}.0 to {HOST_CONTRACT}", HOST_CONTRACT.major)
+    }
+}
+
 /// Checks a plugin's contract version against [`HOST_CONTRACT`].
 pub fn check_contract(id: &str, contract: &str) -> Result<()> {
     let version = ContractVersion::parse(contract).ok_or_else(|| {
@@ -96,9 +106,10 @@ pub fn check_contract(id: &str, contract: &str) -> Result<()> {
             id,
             "load",
             format!(
-                "the plugin speaks contract {version}, this host accepts {}.0 to {HOST_CONTRACT}; \
-                 rebuild the plugin against a matching whetstone-sdk",
-                HOST_CONTRACT.major
+                "the plugin speaks contract {version}, this host accepts {}; rebuild the plugin \
+                 against whetstone-sdk {} (contract {HOST_CONTRACT})",
+                accepted_range(),
+                whetstone_sdk::SDK_VERSION
             ),
         ));
     }
@@ -177,13 +188,16 @@ mod tests {
 
     #[test]
     fn contract_versions_outside_the_range_are_refused_naming_both() {
-        check_contract("lora", "0.1").unwrap();
-        check_contract("lora", "0.0").unwrap();
-        let newer = check_contract("lora", "0.2").unwrap_err().to_string();
-        assert!(
-            newer.contains("0.2") && newer.contains("0.1") && newer.contains("`lora`"),
-            "{newer}"
-        );
+        check_contract("lora", "0.2").unwrap();
+        for other in ["0.1", "0.3", "0.0"] {
+            let refused = check_contract("lora", other).unwrap_err().to_string();
+            assert!(
+                refused.contains(other)
+                    && refused.contains("only 0.2")
+                    && refused.contains("`lora`"),
+                "{refused}"
+            );
+        }
         let major = check_contract("lora", "1.0").unwrap_err().to_string();
         assert!(major.contains("1.0"), "{major}");
         assert!(check_contract("lora", "one").is_err());

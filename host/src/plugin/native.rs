@@ -243,6 +243,26 @@ unsafe extern "C-unwind" fn h_base_param(c: *mut c_void, name: WsStr, out: *mut 
     })
 }
 
+unsafe extern "C-unwind" fn h_grad(
+    c: *mut c_void,
+    t: u64,
+    present: *mut u32,
+    out: *mut u64,
+) -> WsStatus {
+    // SAFETY: host context; writable outs.
+    let c = unsafe { ctx(c) };
+    host_call(c, || {
+        match lock(&c.state).grad(t)? {
+            Some(h) => unsafe {
+                *present = 1;
+                *out = h;
+            },
+            None => unsafe { *present = 0 },
+        }
+        Ok(())
+    })
+}
+
 unsafe extern "C-unwind" fn h_mode(c: *mut c_void) -> u32 {
     // SAFETY: host context.
     let c = unsafe { ctx(c) };
@@ -377,6 +397,7 @@ impl NativePlugin {
             add_param: h_add_param,
             param: h_param,
             base_param: h_base_param,
+            grad: h_grad,
             mode: h_mode,
             step: h_step,
             log: h_log,
@@ -659,30 +680,32 @@ impl Transport for NativePlugin {
     }
 
     fn on_event(&self, instance: u32, event: &Event) -> Result<()> {
-        let e = match *event {
-            Event::TrainStart => WsEvent {
-                kind: 0,
-                step: 0,
-                loss: 0.0,
-            },
-            Event::StepEnd { step, loss } => WsEvent {
-                kind: 1,
-                step,
-                loss,
-            },
-            Event::EpochEnd(epoch) => WsEvent {
-                kind: 2,
-                step: epoch as u64,
-                loss: 0.0,
-            },
-            Event::TrainEnd => WsEvent {
-                kind: 3,
-                step: 0,
-                loss: 0.0,
-            },
+        let (kind, task, step, loss) = match *event {
+            Event::TrainStart => (0, 0, 0, 0.0),
+            Event::StepEnd { step, loss } => (1, 0, step, loss),
+            Event::EpochEnd(epoch) => (2, 0, u64::from(epoch), 0.0),
+            Event::TrainEnd => (3, 0, 0, 0.0),
+            Event::TaskStart(task) => (4, task, 0, 0.0),
+            Event::TaskGradient { task, example } => (5, task, u64::from(example), 0.0),
+            Event::TaskEnd(task) => (6, task, 0, 0.0),
+        };
+        let e = WsEvent {
+            kind,
+            task,
+            step,
+            loss,
         };
         // SAFETY: plain values.
         self.call("on-event", |v| (unsafe { (v.on_event)(instance, e) }, ()))
+    }
+
+    fn task_gradient_examples(&self, instance: u32) -> Result<u32> {
+        let mut n = 0u32;
+        // SAFETY: writable out.
+        self.call("task-gradient-examples", |v| {
+            (unsafe { (v.task_gradient_examples)(instance, &mut n) }, ())
+        })?;
+        Ok(n)
     }
 
     fn create_loss(&self, config: &str) -> Result<u32> {

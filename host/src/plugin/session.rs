@@ -288,13 +288,15 @@ impl HostState {
         let value = session
             .with_params(|p| p.get(&key).map(|p| p.tensor()))
             .ok_or_else(|| format!("no parameter `{key}`: create it with add-param first"))?;
-        // While evaluating nothing is differentiated: a detached value keeps candle from
-        // recording (and keeping alive) the whole forward graph behind every wrapped module.
-        let value = if session.ctx.mode() == crate::model::Mode::Eval {
-            value.detach()
-        } else {
-            value
-        };
+        // While evaluating nothing is differentiated (except in a task's gradient pass): a
+        // detached value keeps candle from recording (and keeping alive) the whole forward
+        // graph behind every wrapped module.
+        let value =
+            if session.ctx.mode() == crate::model::Mode::Eval && !session.ctx.in_gradient_pass() {
+                value.detach()
+            } else {
+                value
+            };
         self.insert(value)
     }
 
@@ -306,6 +308,21 @@ impl HostState {
             .get(name)
             .map_err(|_| format!("the base model has no parameter `{name}`"))?;
         self.insert(param.tensor())
+    }
+
+    /// `grad`: the gradient of the parameter behind handle `t` in the gradients the host
+    /// published for the current task-gradient event.
+    pub fn grad(&mut self, t: u64) -> R<Option<u64>> {
+        let session = self.session()?.clone();
+        let param = self
+            .handles
+            .get(&t)
+            .ok_or_else(|| format!("grad: unknown or released tensor handle {t}"))?
+            .clone();
+        match session.ctx.gradient_of(&param)? {
+            Some(g) => self.insert(g).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// `file-name`.

@@ -62,6 +62,8 @@ pub trait Transport: Send + Sync {
     fn loss_term(&self, instance: u32) -> Result<Option<Tensor>>;
     /// `on-event`.
     fn on_event(&self, instance: u32, event: &Event) -> Result<()>;
+    /// `task-gradient-examples`.
+    fn task_gradient_examples(&self, instance: u32) -> Result<u32>;
 
     /// `create-loss`.
     fn create_loss(&self, config: &str) -> Result<u32>;

@@ -178,6 +178,10 @@ impl host::Host for StoreData {
         host_call(|| self.state.base_param(&name))
     }
 
+    fn grad(&mut self, t: u64) -> Result<Option<u64>, String> {
+        host_call(|| self.state.grad(t))
+    }
+
     fn mode(&mut self) -> types::Mode {
         match self.state.session() {
             Ok(s) if s.ctx.mode() == crate::model::Mode::Train => types::Mode::Train,

@@ -29,12 +29,12 @@ use super::transport::Transport;
 use crate::{Error, Result};
 
 /// The version of the WIT package this host implements (`sdk/wit/<version>`).
-pub const CONTRACT_WIT_VERSION: &str = "0.1.0";
+pub const CONTRACT_WIT_VERSION: &str = "0.2.0";
 
 #[allow(missing_docs, clippy::all)]
 mod bindings {
     wasmtime::component::bindgen!({
-        path: "../sdk/wit/0.1.0",
+        path: "../sdk/wit/0.2.0",
         world: "whetstone-plugin",
     });
 }
@@ -350,8 +350,17 @@ impl Transport for WasmPlugin {
             Event::StepEnd { step, loss } => wit::Event::StepEnd((step, loss)),
             Event::EpochEnd(epoch) => wit::Event::EpochEnd(epoch),
             Event::TrainEnd => wit::Event::TrainEnd,
+            Event::TaskStart(task) => wit::Event::TaskStart(task),
+            Event::TaskGradient { task, example } => wit::Event::TaskGradient((task, example)),
+            Event::TaskEnd(task) => wit::Event::TaskEnd(task),
         };
         self.call("on-event", |g, s| g.call_on_event(s, instance, e))
+    }
+
+    fn task_gradient_examples(&self, instance: u32) -> Result<u32> {
+        self.call("task-gradient-examples", |g, s| {
+            g.call_task_gradient_examples(s, instance)
+        })
     }
 
     fn create_loss(&self, config: &str) -> Result<u32> {
