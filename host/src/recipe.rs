@@ -60,6 +60,11 @@ pub struct Recipe {
     pub training: TrainingConfig,
     /// Where checkpoints, metrics and the plot go.
     pub output: OutputConfig,
+    /// Continual learning: a sequence of tasks trained one after another, with experience
+    /// replay (see [`crate::train::continual::ContinualConfig`]). Without it the recipe trains
+    /// on `[data]` alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continual: Option<crate::train::continual::ContinualConfig>,
 }
 
 /// The `[method]` section: how the model is fine-tuned.
@@ -485,7 +490,10 @@ impl Recipe {
     /// Checks every section's values.
     pub fn validate(&self) -> Result<()> {
         self.training.validate()?;
-        self.data.validate()?;
+        match &self.continual {
+            Some(continual) => continual.validate(&self.data)?,
+            None => self.data.validate()?,
+        }
         if let MethodSpec::Partial { trainable } = &self.method {
             if trainable.is_empty() {
                 return Err(Error::config(

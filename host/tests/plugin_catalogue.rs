@@ -265,6 +265,18 @@ fn layerwise_passes_conformance() {
     assert_trains_base_params(&all, 27);
 }
 
+/// EWC trains the base parameters its patterns name (the top block of the tiny Llama, 12
+/// tensors, and its untied `lm_head`); outside a task sequence it adds no penalty. Its Fisher
+/// estimate and penalty are tested in `continual.rs`.
+#[test]
+fn ewc_passes_conformance() {
+    let report = check_plugin(
+        "ewc",
+        json!({"trainable": ["model.layers.1.*", "lm_head.*"]}),
+    );
+    assert_trains_base_params(&report, 13);
+}
+
 /// Prompt tuning's `TEXT` and `SAMPLE_VOCAB` inits copy rows of the tiny Llama's input
 /// embeddings: `TEXT` those of the given token ids, repeated to the number of virtual tokens;
 /// `SAMPLE_VOCAB` those of tokens drawn from the attach seed (same seed, same tokens).

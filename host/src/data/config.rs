@@ -80,6 +80,8 @@ impl Format {
 pub struct DataConfig {
     /// Training files: paths, or `asset:NAME/FILE` for a fetched asset
     /// (`asset:uci-sentiment/imdb.json`). Records of all files are concatenated in order.
+    /// Required (in a continual-learning recipe, each task names its own).
+    #[serde(default)]
     pub train: Vec<String>,
     /// Validation files. When empty, a `validation_ratio` share of the training records is held
     /// out instead.
@@ -117,6 +119,12 @@ pub struct DataConfig {
     /// in this list; when empty, labels must be integers.
     #[serde(default)]
     pub label_names: Vec<String>,
+    /// Labels for whole files, keyed by the file as written in `train` / `validation`: every
+    /// record of that file gets the label (an integer, or a name from `label_names`), whatever
+    /// its own label field holds; for datasets kept as one file per class, or to give a file's
+    /// records a task of their own (`{"asset:uci-sentiment/amazon.json" = 0}`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub file_labels: std::collections::BTreeMap<String, serde_json::Value>,
     /// Maximum number of tokens of an example; longer examples are truncated (and counted).
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
@@ -190,6 +198,7 @@ impl DataConfig {
             completion_field: default_completion_field(),
             messages_field: default_messages_field(),
             label_names: Vec::new(),
+            file_labels: Default::default(),
             max_seq_len: default_max_seq_len(),
             packing: false,
             skip_bad_records: false,
@@ -226,6 +235,15 @@ impl DataConfig {
         }
         if let Some(format) = &self.format {
             Format::parse(format)?;
+        }
+        if let Some(file) = self
+            .file_labels
+            .keys()
+            .find(|f| !self.train.contains(f) && !self.validation.contains(f))
+        {
+            return Err(Error::config(format!(
+                "[data] file_labels names `{file}`, which is in neither train nor validation;                  write the file exactly as it is listed there"
+            )));
         }
         Ok(())
     }

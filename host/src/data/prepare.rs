@@ -164,9 +164,36 @@ fn read_all(
             )));
         }
         let format = cfg.format_of(&path)?;
-        records.extend(read_records(&path, format, fields, policy, remaining)?);
+        let mut read = read_records(&path, format, fields, policy, remaining)?;
+        if let Some(value) = cfg.file_labels.get(location) {
+            relabel(&mut read, location, value, fields)?;
+        }
+        records.extend(read);
     }
     Ok(records)
+}
+
+/// Gives every record of file `location` the label `value` (`[data] file_labels`).
+fn relabel(
+    records: &mut [SourcedRecord],
+    location: &str,
+    value: &serde_json::Value,
+    fields: &FieldMap,
+) -> Result<()> {
+    let id = fields
+        .label_of(Some(value))
+        .map_err(|e| Error::config(format!("[data] file_labels.\"{location}\": {e}")))?;
+    for r in records.iter_mut() {
+        match &mut r.record {
+            crate::data::Record::Text { label, .. } => *label = id,
+            _ => {
+                return Err(r.error(
+                    "[data] file_labels applies to {\"text\"} records only (classification)",
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Splits records into (train, validation) by a seeded shuffle: `round(len * ratio)` records go

@@ -99,7 +99,7 @@ impl FieldMap {
         }
         if object.contains_key(&self.text) {
             let text = self.string(object, &self.text)?;
-            let label = self.label(object.get(&self.label))?;
+            let label = self.label_of(object.get(&self.label))?;
             return Ok(Record::Text { text, label });
         }
         let keys: Vec<&str> = object.keys().map(String::as_str).collect();
@@ -125,7 +125,7 @@ impl FieldMap {
     }
 
     /// The class id of a label value (`None` when absent, null or an empty CSV cell).
-    fn label(&self, value: Option<&Value>) -> std::result::Result<Option<i64>, String> {
+    pub fn label_of(&self, value: Option<&Value>) -> std::result::Result<Option<i64>, String> {
         let field = &self.label;
         let id = match value {
             None | Some(Value::Null) => return Ok(None),

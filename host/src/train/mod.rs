@@ -9,6 +9,7 @@
 pub mod answers;
 pub mod checkpoint;
 pub mod clip;
+pub mod continual;
 pub mod eval;
 pub mod metrics;
 pub mod optim;

@@ -99,6 +99,10 @@ pub struct RunSummary {
     pub adapter_dir: Option<PathBuf>,
     /// Held-out answer accuracy by generation (with `[data] instruction_template`).
     pub answers: Option<super::answers::AnswerMetrics>,
+    /// A continual-learning run's per-task results and accuracy matrix (the other fields
+    /// describe its last task).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continual: Option<super::continual::ContinualReport>,
 }
 
 impl fmt::Display for RunSummary {
@@ -154,6 +158,9 @@ impl fmt::Display for RunSummary {
             self.train_examples, self.validation_examples
         )?;
         writeln!(f, "skipped records:  {}", self.skipped_records)?;
+        if let Some(report) = &self.continual {
+            writeln!(f, "{report}")?;
+        }
         write!(f, "output:           {}", self.output_dir.display())
     }
 }
@@ -220,24 +227,43 @@ pub fn apply_method_with_plugins(
     Ok(None)
 }
 
-/// Runs the fine-tune `recipe` describes: opens the device, loads the model, applies the
-/// method, prepares the data, then [`fit`]s. The recipe is copied to `<output>/recipe.toml`.
-pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
-    recipe.validate()?;
+/// A recipe's model, loaded on its device, with the method applied.
+pub(crate) struct LoadedRun {
+    /// The device of the run.
+    pub device: Device,
+    /// The model with its tokenizer.
+    pub loaded: crate::model::load::LoadedModel,
+    /// The attached method plugin, when the method is one.
+    pub method: Option<Arc<MethodAdapter>>,
+}
+
+/// Opens the device, loads the model and applies the method of `recipe`.
+pub(crate) fn load_run(recipe: &Recipe, opts: &RunOptions) -> Result<LoadedRun> {
     let device = recipe.training.device()?;
     let loaded = crate::model::load::load(&recipe.model, &device, recipe.training.seed)?;
-    let model = loaded.model.as_ref();
     let mut plugin_paths = opts.plugins.clone();
     plugin_paths.extend(recipe.plugins.iter().cloned());
     let mut method_spec = recipe.method.clone();
     if let MethodSpec::Plugin { config, .. } = &mut method_spec {
         crate::plugin::resolve::tokenize_fields(config, &loaded.tokenizer)?;
     }
-    let method =
-        apply_method_with_plugins(model, &method_spec, &plugin_paths, recipe.training.seed)?;
-    let data = crate::data::prepare(&recipe.data, &loaded)?;
+    let method = apply_method_with_plugins(
+        loaded.model.as_ref(),
+        &method_spec,
+        &plugin_paths,
+        recipe.training.seed,
+    )?;
+    Ok(LoadedRun {
+        device,
+        loaded,
+        method,
+    })
+}
+
+/// Refuses data with more classes than the classification head has.
+pub(crate) fn check_label_count(label_count: Option<usize>, model: &dyn Model) -> Result<()> {
     if let (Some(found), crate::model::TaskKind::SequenceClassification { num_labels }) =
-        (data.label_count, model.task())
+        (label_count, model.task())
     {
         if found > num_labels {
             return Err(Error::config(format!(
@@ -245,12 +271,37 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
             )));
         }
     }
+    Ok(())
+}
+
+/// Creates the output directory and copies the recipe into it as `recipe.toml`.
+pub(crate) fn write_recipe_copy(recipe: &Recipe) -> Result<()> {
     let dir = &recipe.output.dir;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let recipe_copy = dir.join("recipe.toml");
     let text = toml::to_string_pretty(recipe)
         .map_err(|e| Error::config(format!("cannot serialise the recipe: {e}")))?;
-    std::fs::write(&recipe_copy, text).map_err(|e| Error::io(&recipe_copy, e))?;
+    std::fs::write(&recipe_copy, text).map_err(|e| Error::io(&recipe_copy, e))
+}
+
+/// Runs the fine-tune `recipe` describes: opens the device, loads the model, applies the
+/// method, prepares the data, then [`fit`]s. The recipe is copied to `<output>/recipe.toml`.
+/// A recipe with a `[continual]` task sequence runs through [`super::continual::run`].
+pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
+    recipe.validate()?;
+    if recipe.continual.is_some() {
+        return super::continual::run(recipe, opts);
+    }
+    let LoadedRun {
+        device,
+        loaded,
+        method,
+    } = load_run(recipe, opts)?;
+    let model = loaded.model.as_ref();
+    let data = crate::data::prepare(&recipe.data, &loaded)?;
+    check_label_count(data.label_count, model)?;
+    write_recipe_copy(recipe)?;
+    let dir = &recipe.output.dir;
 
     let fit_data = FitData {
         train: &data.train,
@@ -630,5 +681,6 @@ pub fn fit(
         output_dir: output.dir.clone(),
         adapter_dir: None,
         answers: None,
+        continual: None,
     })
 }

@@ -1,0 +1,309 @@
+//! Continual learning through the host, on a tiny random BERT:
+//!
+//! - the gradient pass and `grad` hand the EWC plugin exactly the per-example gradients: after
+//!   a pass over every example of a task, its penalty for a known displacement `δ` of the
+//!   weights equals `λ/2 Σ F δ²` with `F` the mean squared gradient computed here, on both
+//!   transports (this also proves that `θ*` is a copy, not a view the optimizer updates);
+//! - on two tasks over the same inputs with unrelated labels, EWC and experience replay each
+//!   forget less of the first task than plain sequential fine-tuning does (`train_sequence`,
+//!   the accuracy matrix). Measured: task A at 0.917 after training it; after task B plain
+//!   fine-tuning keeps 0.604 (forgetting 0.31), EWC (λ = 5·10⁴) 0.813 (0.10), replay
+//!   (48 examples, ratio 0.3) 0.688 (0.23).
+
+// Tests may unwrap: a panic is how a test reports a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use whetstone_host::data::{collate, Example, ExampleLabels};
+use whetstone_host::model::bert::{BertConfig, BertForSequenceClassification};
+use whetstone_host::model::load::Pooling;
+use whetstone_host::model::{Mode, Model};
+use whetstone_host::plugin::build::{self, BuildOptions};
+use whetstone_host::plugin::method::MethodAdapter;
+use whetstone_host::plugin::{Manifest, Plugin, TransportKind};
+use whetstone_host::recipe::{OutputConfig, TrainingConfig};
+use whetstone_host::train::continual::{
+    gradient_pass, train_sequence, ContinualReport, TaskExamples,
+};
+use whetstone_host::train::RunOptions;
+use whetstone_sdk::Event;
+
+const VOCAB: usize = 40;
+
+/// The EWC plugin's builds (wasm too when the toolchain is there), once per test binary.
+fn manifest() -> &'static Manifest {
+    static MANIFEST: OnceLock<Manifest> = OnceLock::new();
+    MANIFEST.get_or_init(|| {
+        let wasm = build::wasm_toolchain_available();
+        if !wasm {
+            let why = build::missing_wasm_toolchain();
+            assert!(
+                std::env::var_os("WHETSTONE_REQUIRE_WASM").is_none(),
+                "{why}"
+            );
+            eprintln!("testing the native build only: {why}");
+        }
+        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/ewc");
+        let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ewc-plugin");
+        let opts = BuildOptions {
+            native: true,
+            wasm,
+            out_dir: Some(out),
+            release: false,
+        };
+        build::build(&crate_dir, &opts).unwrap()
+    })
+}
+
+fn transports() -> Vec<TransportKind> {
+    let mut all = vec![TransportKind::Native];
+    if manifest().artifacts.wasm.is_some() {
+        all.push(TransportKind::Wasm);
+    }
+    all
+}
+
+fn tiny_bert() -> BertForSequenceClassification {
+    let json = json!({
+        "vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 32, "max_position_embeddings": 24,
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0
+    });
+    let config = BertConfig::from_json(&json, Path::new("config.json")).unwrap();
+    let model =
+        BertForSequenceClassification::random(&config, 2, Pooling::Mean, &Device::Cpu, 5).unwrap();
+    model.params().freeze_all().unwrap();
+    model
+}
+
+fn attach(
+    model: &BertForSequenceClassification,
+    transport: TransportKind,
+    config: Value,
+) -> Arc<MethodAdapter> {
+    let plugin = Plugin::load(manifest(), transport).unwrap();
+    MethodAdapter::attach(model, plugin, "default", config, 1).unwrap()
+}
+
+/// Sentences of 3 to 8 tokens labelled by `rule`.
+fn examples(n: usize, seed: u64, rule: fn(&[u32]) -> bool) -> Vec<Example> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(3..=8);
+            let ids: Vec<u32> = (0..len)
+                .map(|_| rng.random_range(1..VOCAB as u32))
+                .collect();
+            Example {
+                labels: ExampleLabels::Class(i64::from(rule(&ids))),
+                input_ids: ids,
+            }
+        })
+        .collect()
+}
+
+/// Task A: most tokens come from the upper half of the vocabulary.
+fn mostly_high(ids: &[u32]) -> bool {
+    2 * ids.iter().filter(|&&t| t as usize >= VOCAB / 2).count() > ids.len()
+}
+
+/// Task B: most tokens are even — unrelated to task A, so learning it disturbs A.
+fn mostly_even(ids: &[u32]) -> bool {
+    2 * ids.iter().filter(|&&t| t % 2 == 0).count() > ids.len()
+}
+
+/// Everything trains (the tiny model's frozen random embeddings cannot express the tasks).
+const TRAINABLE: [&str; 3] = ["classifier.*", "embeddings.*", "encoder.*"];
+
+#[test]
+fn the_penalty_weighs_displacements_by_the_mean_squared_gradients() {
+    for transport in transports() {
+        let model = tiny_bert();
+        let lambda = 3.0;
+        let adapter = attach(
+            &model,
+            transport,
+            json!({"trainable": TRAINABLE, "ewc_lambda": lambda, "fisher_examples": 1000}),
+        );
+        let task = examples(12, 3, mostly_high);
+        assert_eq!(adapter.task_gradient_examples().unwrap(), 1000);
+        assert!(
+            adapter.loss_term().unwrap().is_none(),
+            "a penalty before any task ended"
+        );
+
+        // The Fisher diagonal as the host sees it: mean over examples of squared gradients.
+        let trained: Vec<_> = model.params().trainable();
+        assert!(!trained.is_empty());
+        let mut fisher: Vec<Option<Tensor>> = vec![None; trained.len()];
+        for ex in &task {
+            let batch = collate(&[ex], 0, &Device::Cpu).unwrap();
+            let logits = model
+                .forward(&batch.input_ids, &batch.attention_mask, Mode::Eval)
+                .unwrap();
+            let grads = model
+                .loss(&logits, &batch.labels)
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (slot, p) in fisher.iter_mut().zip(&trained) {
+                let g = grads.get(&p.tensor()).unwrap().sqr().unwrap();
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + g).unwrap(),
+                    None => g,
+                });
+            }
+        }
+
+        let used = gradient_pass(&model, &adapter, 0, &task, 1000, 0, &Device::Cpu, 7).unwrap();
+        assert_eq!(used, task.len(), "{transport:?}");
+        adapter.on_event(&Event::TaskEnd(0)).unwrap();
+        assert!(
+            adapter
+                .loss_term()
+                .unwrap()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .abs()
+                < 1e-9,
+            "the penalty is not 0 at θ*"
+        );
+
+        // Move every trained weight by a known δ (in place, as the optimizer does).
+        let mut expected = 0.0f64;
+        for (i, (p, f)) in trained.iter().zip(&fisher).enumerate() {
+            let var = p.var().unwrap();
+            let delta =
+                (Tensor::ones_like(var.as_tensor()).unwrap() * (0.01 * (i + 1) as f64)).unwrap();
+            var.set(&(var.as_tensor() + &delta).unwrap()).unwrap();
+            let f = (f.as_ref().unwrap() / task.len() as f64).unwrap();
+            let term = (f * delta.sqr().unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            expected += f64::from(term);
+        }
+        expected *= lambda / 2.0;
+        let penalty = f64::from(
+            adapter
+                .loss_term()
+                .unwrap()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        );
+        assert!(expected > 0.0);
+        assert!(
+            (penalty - expected).abs() <= 1e-4 * expected,
+            "{transport:?}: penalty {penalty}, expected {expected}"
+        );
+        eprintln!("{transport:?}: EWC penalty {penalty:.6e} = λ/2 Σ F δ² {expected:.6e}");
+    }
+}
+
+/// Trains task A then task B on a fresh model with `method` (EWC's config, `None` for plain
+/// partial fine-tuning) and `replay`, and returns the report.
+fn two_tasks(method: Option<Value>, replay: (usize, f64)) -> ContinualReport {
+    let model = tiny_bert();
+    let adapter = match method {
+        Some(config) => Some(attach(&model, TransportKind::Native, config)),
+        None => {
+            let patterns: Vec<String> = TRAINABLE.iter().map(|s| s.to_string()).collect();
+            model.params().set_trainable_by_patterns(&patterns).unwrap();
+            None
+        }
+    };
+    let tasks = [
+        TaskExamples {
+            name: "high".into(),
+            train: examples(96, 21, mostly_high),
+            validation: examples(48, 22, mostly_high),
+        },
+        TaskExamples {
+            name: "even".into(),
+            train: examples(96, 23, mostly_even),
+            validation: examples(48, 24, mostly_even),
+        },
+    ];
+    let training = TrainingConfig {
+        learning_rate: 1e-2,
+        batch_size: 8,
+        epochs: 4,
+        log_every: 100,
+        seed: 9,
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let output = OutputConfig {
+        save_best: false,
+        plot: false,
+        ..OutputConfig::new(dir.path())
+    };
+    let (report, _) = train_sequence(
+        &model,
+        adapter.as_ref(),
+        &tasks,
+        replay,
+        0,
+        &training,
+        &output,
+        &Device::Cpu,
+        &RunOptions::default(),
+    )
+    .unwrap();
+    report
+}
+
+#[test]
+fn ewc_and_replay_forget_less_than_plain_fine_tuning() {
+    let plain = two_tasks(None, (0, 0.0));
+    let ewc = two_tasks(
+        Some(json!({"trainable": TRAINABLE, "ewc_lambda": 5e4, "fisher_examples": 96})),
+        (0, 0.0),
+    );
+    let replay = two_tasks(None, (48, 0.3));
+    for (name, r) in [("plain", &plain), ("EWC", &ewc), ("replay", &replay)] {
+        eprintln!("{name}: {:?}, forgetting {:?}", r.matrix, r.forgetting);
+        assert_eq!(r.matrix.len(), 2);
+        assert_eq!(
+            r.tasks[1].gradient_examples,
+            if name == "EWC" { 96 } else { 0 }
+        );
+    }
+    assert_eq!(
+        replay.tasks[1].replayed_examples, 41,
+        "0.3 / 0.7 × 96 rounded"
+    );
+    let first_after_training = plain.matrix[0][0];
+    assert!(
+        first_after_training > 0.7,
+        "task A was not learnt: {:?}",
+        plain.matrix
+    );
+    assert!(
+        plain.forgetting[0] > 0.05,
+        "plain fine-tuning did not forget: {:?}",
+        plain.matrix
+    );
+    assert!(
+        ewc.forgetting[0] < plain.forgetting[0],
+        "EWC forgot {} of task A, plain fine-tuning {}",
+        ewc.forgetting[0],
+        plain.forgetting[0]
+    );
+    assert!(
+        replay.forgetting[0] < plain.forgetting[0],
+        "replay forgot {} of task A, plain fine-tuning {}",
+        replay.forgetting[0],
+        plain.forgetting[0]
+    );
+}
