@@ -38,6 +38,10 @@ pub struct MethodsArgs {
     /// A plugin manifest to search first (passed to every `whet train`); repeatable.
     #[arg(long)]
     plugin: Vec<PathBuf>,
+    /// Reuse the summary of a recipe that an earlier (interrupted) run of this command already
+    /// trained into the same `--output`, when the recipe is unchanged; train only the others.
+    #[arg(long)]
+    resume: bool,
 }
 
 /// One finished run.
@@ -114,7 +118,19 @@ fn train_one(exe: &Path, recipe: &Path, args: &MethodsArgs) -> Result<Row> {
         );
     }
     let patched = args.output.join(format!("{stem}.toml"));
-    std::fs::write(&patched, toml::to_string(&doc)?)
+    let patched_text = toml::to_string(&doc)?;
+    let saved = args.output.join(format!("{stem}.summary.json"));
+    if args.resume {
+        if let Some(summary) = saved_summary(&saved, &patched_text) {
+            eprintln!("reusing the summary in {}", saved.display());
+            return Ok(Row {
+                recipe: recipe.display().to_string(),
+                method,
+                summary,
+            });
+        }
+    }
+    std::fs::write(&patched, &patched_text)
         .with_context(|| format!("writing {}", patched.display()))?;
     let mut cmd = Command::new(exe);
     cmd.arg("train")
@@ -142,11 +158,24 @@ fn train_one(exe: &Path, recipe: &Path, args: &MethodsArgs) -> Result<Row> {
             String::from_utf8_lossy(&out.stdout)
         )
     })?;
+    let record = serde_json::json!({"recipe": patched_text, "summary": summary});
+    std::fs::write(&saved, serde_json::to_string_pretty(&record)?)
+        .with_context(|| format!("writing {}", saved.display()))?;
     Ok(Row {
         recipe: recipe.display().to_string(),
         method,
         summary,
     })
+}
+
+/// The summary saved in `path` by an earlier run, if that run trained exactly `recipe_text`.
+fn saved_summary(path: &Path, recipe_text: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut record: Value = serde_json::from_str(&text).ok()?;
+    if record.get("recipe")?.as_str()? != recipe_text {
+        return None;
+    }
+    Some(record.get_mut("summary")?.take())
 }
 
 /// Held-out accuracy of a summary: answer accuracy by generation for SFT, else the
@@ -236,6 +265,17 @@ mod tests {
         let again = replace_between_markers(&out, "| newer |").unwrap();
         assert!(again.contains("| newer |") && !again.contains("| new |"));
         assert!(replace_between_markers("no markers", "x").is_err());
+    }
+
+    #[test]
+    fn a_saved_summary_is_reused_only_for_the_same_recipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lora.summary.json");
+        assert!(saved_summary(&path, "a = 1").is_none());
+        let record = serde_json::json!({"recipe": "a = 1", "summary": {"steps": 3}});
+        std::fs::write(&path, record.to_string()).unwrap();
+        assert_eq!(saved_summary(&path, "a = 1").unwrap()["steps"], 3);
+        assert!(saved_summary(&path, "a = 2").is_none());
     }
 
     #[test]

@@ -66,10 +66,11 @@ enum Command {
 
 /// Logs go to stderr; the level comes from `RUST_LOG`, else from `-v`.
 fn init_tracing(verbose: u8) {
+    // Plugins log through the target `plugin` (`whet_host::log` in the SDK).
     let default = match verbose {
-        0 => "warn,whetstone_host=info",
-        1 => "info,whetstone_host=debug",
-        _ => "debug,whetstone_host=trace",
+        0 => "warn,whetstone_host=info,plugin=info",
+        1 => "info,whetstone_host=debug,plugin=debug",
+        _ => "debug,whetstone_host=trace,plugin=trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // A second initialisation (impossible here) would only be ignored.
