@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
+use whetstone_sdk::config::reject_unsupported;
 use whetstone_sdk::targets::TargetSpec;
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -28,75 +29,69 @@ pub struct BitFitConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-/// PEFT fields that carry no behaviour here.
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
+/// The fields BitFit takes (besides PEFT's bookkeeping).
+const FIELDS: &[&str] = &[
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
 ];
+
+/// What to do instead, for fields of other methods that are easily given to BitFit.
+fn hint(field: &str) -> Option<&'static str> {
+    match field {
+        "bias" => Some("BitFit always trains the biases: select them with target_modules"),
+        "r" | "lora_alpha" | "lora_dropout" => Some("a LoRA field: use kind = \"lora\""),
+        _ => None,
+    }
+}
 
 impl BitFitConfig {
     /// Refuses fields BitFit does not know, naming them.
     pub fn validate(&self) -> Result<()> {
-        for (field, value) in &self.other {
-            if BOOKKEEPING.contains(&field.as_str()) {
-                continue;
-            }
-            let hint = match field.as_str() {
-                "bias" => " (BitFit always trains the biases: select them with target_modules)",
-                "r" | "lora_alpha" | "lora_dropout" => " (a LoRA field: use kind = \"lora\")",
-                _ => "",
-            };
+        if let Some((field, value, hint)) = self
+            .other
+            .iter()
+            .find_map(|(field, value)| Some((field, value, hint(field)?)))
+        {
             return Err(Error::config(format!(
-                "unsupported BitFit field `{field}` = {value}{hint}; BitFit takes target_modules, \
-                 exclude_modules, layers_to_transform, layers_pattern and modules_to_save"
+                "unsupported BitFit field `{field}` = {value} ({hint}); the fields are {}",
+                FIELDS.join(", ")
             )));
         }
-        Ok(())
-    }
-}
-
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
+        reject_unsupported("BitFit", &self.other, &[], FIELDS)
     }
 }
 
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field(
+        ConfigField::new(
             "target_modules",
             "list of names or regex string",
             "null (every module with a bias)",
             "only the biases of these modules train (PEFT's matching rules on the owning module)",
         ),
-        field(
+        ConfigField::new(
             "exclude_modules",
             "list of names or regex string",
             "null",
             "modules whose bias never trains",
         ),
-        field(
+        ConfigField::new(
             "layers_to_transform",
             "int or list of ints",
             "null",
             "only biases in these blocks train",
         ),
-        field(
+        ConfigField::new(
             "layers_pattern",
             "string or list",
             "null",
             "the block container name (layers, layer, h)",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null (classification heads for sequence classification)",
@@ -136,5 +131,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`bias`"), "{err}");
+    }
+
+    #[test]
+    fn the_accepted_fields_are_the_documented_ones() {
+        let documented: Vec<String> = fields().into_iter().map(|f| f.name).collect();
+        assert_eq!(documented, FIELDS);
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
 use whetstone_sdk::targets::TargetSpec;
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -166,17 +167,10 @@ pub struct BottleneckConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-/// Fields that carry no behaviour here: PEFT-style bookkeeping the host writes, and settings of
-/// AdapterHub features that are off unless their switch is on (`phm_layer`, `inv_adapter`),
-/// which AdapterHub writes with non-empty defaults.
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
+/// Settings of AdapterHub features that are off unless their switch is on (`phm_layer`,
+/// `inv_adapter`), which AdapterHub writes with non-empty defaults: like the PEFT-style
+/// bookkeeping the host writes, they carry no behaviour here.
+const SWITCHED_SETTINGS: &[&str] = &[
     "inv_adapter_reduction_factor",
     "phm_dim",
     "factorized_phm_W",
@@ -194,17 +188,6 @@ const BOOKKEEPING: &[&str] = &[
 /// AdapterHub fields whose default is on and is what this plugin does: the adapter reads the
 /// sublayer's output, and the block's own residual and LayerNorm follow it.
 const ON_AS_HERE: &[&str] = &["original_ln_after", "residual_before_ln"];
-
-/// Whether a value is "off" for a feature (so the field can be ignored).
-fn is_off(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::Number(n) => n.as_f64() == Some(0.0),
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
-}
 
 fn hint(field: &str) -> &'static str {
     match field {
@@ -291,9 +274,15 @@ impl BottleneckConfig {
                 self.scaling
             )));
         }
+        // Bookkeeping, and any other field while it is off, are accepted (unlike
+        // `reject_unsupported`, which accepts only the fields it is given while off).
         for (field, value) in &self.other {
             let as_here = ON_AS_HERE.contains(&field.as_str()) && *value == Value::Bool(true);
-            if as_here || BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
+            if as_here
+                || PEFT_BOOKKEEPING.contains(&field.as_str())
+                || SWITCHED_SETTINGS.contains(&field.as_str())
+                || is_off(value)
+            {
                 continue;
             }
             return Err(Error::config(format!(
@@ -305,90 +294,81 @@ impl BottleneckConfig {
     }
 }
 
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
-    }
-}
-
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field(
+        ConfigField::new(
             "config",
             "\"houlsby\" | \"pfeiffer\" (or \"double_seq_bn\" | \"seq_bn\")",
             "\"pfeiffer\"",
             "houlsby: adapters after the attention and the feed-forward output projections; \
              pfeiffer: after the feed-forward output projection only",
         ),
-        field(
+        ConfigField::new(
             "architecture",
             "as config, or \"bottleneck\"",
             "null",
             "alias of config (AdapterHub writes \"bottleneck\")",
         ),
-        field(
+        ConfigField::new(
             "mh_adapter",
             "bool",
             "per config (houlsby true, pfeiffer false)",
             "adapter after the attention output projection",
         ),
-        field(
+        ConfigField::new(
             "output_adapter",
             "bool",
             "true",
             "adapter after the feed-forward output projection",
         ),
-        field(
+        ConfigField::new(
             "reduction_factor",
             "float",
             "16",
             "bottleneck = floor(out_features / reduction_factor), at least 1",
         ),
-        field(
+        ConfigField::new(
             "non_linearity",
             "\"relu\" | \"swish\" | \"silu\" | \"gelu\" | \"gelu_new\" | \"tanh\" | \"sigmoid\" \
              | \"linear\"",
             "per config (houlsby swish, pfeiffer relu)",
             "activation inside the bottleneck",
         ),
-        field(
+        ConfigField::new(
             "residual",
             "bool",
             "true",
             "add the adapter's output to its input",
         ),
-        field(
+        ConfigField::new(
             "init_weights",
             "\"mam_adapter\" | \"bert\"",
             "\"mam_adapter\"",
             "mam_adapter: down Kaiming-uniform, up and biases zero (starts at the base model); \
              bert: both N(0, 0.02), biases zero (AdapterHub's default)",
         ),
-        field("dropout", "float", "0.0", "dropout on the adapter's output"),
-        field("scaling", "float", "1.0", "factor on the adapter's output"),
-        field(
+        ConfigField::new("dropout", "float", "0.0", "dropout on the adapter's output"),
+        ConfigField::new("scaling", "float", "1.0", "factor on the adapter's output"),
+        ConfigField::new(
             "leave_out",
             "list of ints",
             "[]",
             "blocks that get no adapter",
         ),
-        field(
+        ConfigField::new(
             "target_modules",
             "list of names, regex string or \"all-linear\"",
             "null (placement per config)",
             "explicit modules whose output is adapted, instead of config's placement",
         ),
-        field(
+        ConfigField::new(
             "exclude_modules",
             "list of names or regex string",
             "null",
             "modules never adapted",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null (classification heads for sequence classification)",

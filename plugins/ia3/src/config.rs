@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 use serde_json::Value;
+use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
 use whetstone_sdk::targets::{ModuleSelector, TargetSpec};
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -43,27 +44,6 @@ pub struct Ia3Config {
     pub other: BTreeMap<String, Value>,
 }
 
-/// PEFT fields that carry no behaviour here.
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
-];
-
-/// Whether a value is PEFT's "off" for a feature (so the field can be ignored).
-fn is_off(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
-}
-
 impl Ia3Config {
     /// Refuses values (IA)³ cannot honour, naming the field.
     pub fn validate(&self) -> Result<()> {
@@ -90,19 +70,28 @@ impl Ia3Config {
                 )));
             }
         }
+        // Checked before the loop below, which takes a number 0 for off: `layers_to_transform
+        // = 0` asks for block 0.
+        for field in ["layers_to_transform", "layers_pattern"] {
+            if let Some(value) = self
+                .other
+                .get(field)
+                .filter(|v| v.is_number() || !is_off(v))
+            {
+                return Err(Error::config(format!(
+                    "unsupported IA3 field `{field}` = {value} (PEFT's IA3Config has no such \
+                     field: select layers with a target_modules regex)"
+                )));
+            }
+        }
+        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
+        // `reject_unsupported`, which accepts only the fields it is given while off).
         for (field, value) in &self.other {
-            if BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
+            if PEFT_BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
                 continue;
             }
-            let hint = match field.as_str() {
-                "layers_to_transform" | "layers_pattern" => {
-                    " (PEFT's IA3Config has no such field: select layers with a target_modules \
-                     regex)"
-                }
-                _ => "",
-            };
             return Err(Error::config(format!(
-                "unsupported IA3 field `{field}` = {value}{hint}"
+                "unsupported IA3 field `{field}` = {value}"
             )));
         }
         Ok(())
@@ -131,50 +120,41 @@ pub fn is_feedforward(feedforward: &ModuleSelector, key: &str) -> Result<bool> {
     }
 }
 
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
-    }
-}
-
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field(
+        ConfigField::new(
             "target_modules",
             "list of names, regex string or \"all-linear\"",
             "per model type (llama: k_proj, v_proj, down_proj; bert: key, value, output.dense)",
             "modules to wrap",
         ),
-        field(
+        ConfigField::new(
             "exclude_modules",
             "list of names or regex string",
             "null",
             "modules never wrapped",
         ),
-        field(
+        ConfigField::new(
             "feedforward_modules",
             "list of name endings or regex string",
             "per model type (llama: down_proj; bert: output.dense)",
             "wrapped modules whose input is scaled (l [1, in]); the others scale their output \
              (l [out, 1]); a list must be a subset of target_modules",
         ),
-        field(
+        ConfigField::new(
             "fan_in_fan_out",
             "bool",
             "false",
             "Conv1D weight layout; only false is supported",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null (classification heads for sequence classification)",
             "base modules trained whole and saved",
         ),
-        field(
+        ConfigField::new(
             "init_ia3_weights",
             "bool",
             "true",
@@ -238,6 +218,16 @@ mod tests {
         let layers = parse(r#"{"layers_to_transform": [0]}"#);
         let err = layers.validate().unwrap_err().to_string();
         assert!(err.contains("layers_to_transform"), "{err}");
+        // Block 0 is a choice, not "off".
+        let first = parse(r#"{"layers_to_transform": 0}"#);
+        let err = first.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("layers_to_transform") && err.contains("regex"),
+            "{err}"
+        );
+        parse(r#"{"layers_to_transform": null, "layers_pattern": null, "use_dora": false}"#)
+            .validate()
+            .unwrap();
         let odd = parse(r#"{"r": 8}"#);
         assert!(odd.validate().unwrap_err().to_string().contains("`r`"));
     }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
+use whetstone_sdk::config::reject_unsupported;
 use whetstone_sdk::{ConfigField, Error, Result};
 
 /// `schedule`: how many of the top blocks train.
@@ -57,15 +58,15 @@ pub struct LayerwiseConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-/// PEFT fields that carry no behaviour here.
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
+/// The fields (besides PEFT's bookkeeping).
+const FIELDS: &[&str] = &[
+    "schedule",
+    "last_n_layers",
+    "unfreeze_every",
+    "train_head",
+    "train_final_norm",
+    "train_embeddings",
+    "modules_to_save",
 ];
 
 impl LayerwiseConfig {
@@ -99,17 +100,7 @@ impl LayerwiseConfig {
                  trains nothing at the start",
             ));
         }
-        for (field, value) in &self.other {
-            if BOOKKEEPING.contains(&field.as_str()) {
-                continue;
-            }
-            return Err(Error::config(format!(
-                "unsupported layer-wise field `{field}` = {value}; the fields are schedule, \
-                 last_n_layers, unfreeze_every, train_head, train_final_norm, train_embeddings \
-                 and modules_to_save"
-            )));
-        }
-        Ok(())
+        reject_unsupported("layer-wise", &self.other, &[], FIELDS)
     }
 
     /// Refuses a schedule that asks for more blocks than the model has.
@@ -129,55 +120,46 @@ impl LayerwiseConfig {
     }
 }
 
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
-    }
-}
-
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field(
+        ConfigField::new(
             "schedule",
             "\"gradual\" | \"last_n\"",
             "",
             "gradual: ULMFiT's gradual unfreezing, top block first; last_n: a fixed number of top blocks",
         ),
-        field(
+        ConfigField::new(
             "last_n_layers",
             "int",
             "1",
             "blocks that train (last_n), or that train from the start (gradual)",
         ),
-        field(
+        ConfigField::new(
             "unfreeze_every",
             "int",
             "required for gradual",
             "optimizer steps between unfreezing one more block",
         ),
-        field(
+        ConfigField::new(
             "train_head",
             "bool",
             "true",
             "the head (classifier / score, or an untied lm_head) trains from the start",
         ),
-        field(
+        ConfigField::new(
             "train_final_norm",
             "bool",
             "true",
             "the final normalisation (model.norm) trains from the start",
         ),
-        field(
+        ConfigField::new(
             "train_embeddings",
             "bool",
             "false",
             "the embeddings train from the start",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null",
@@ -221,5 +203,11 @@ mod tests {
         assert!(bad.unwrap_err().to_string().contains("slanted"));
         let missing: std::result::Result<LayerwiseConfig, _> = serde_json::from_str("{}");
         assert!(missing.unwrap_err().to_string().contains("schedule"));
+    }
+
+    #[test]
+    fn the_accepted_fields_are_the_documented_ones() {
+        let documented: Vec<String> = fields().into_iter().map(|f| f.name).collect();
+        assert_eq!(documented, FIELDS);
     }
 }

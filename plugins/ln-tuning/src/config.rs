@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
+use whetstone_sdk::config::reject_unsupported;
 use whetstone_sdk::targets::ModuleSelector;
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -28,65 +29,40 @@ pub struct LnTuningConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-/// PEFT fields that carry no behaviour here.
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
-];
+/// The fields of PEFT's `LNTuningConfig` (besides its bookkeeping).
+const FIELDS: &[&str] = &["target_modules", "exclude_modules", "modules_to_save"];
 
 impl LnTuningConfig {
     /// Refuses fields PEFT's `LNTuningConfig` does not have, naming them.
     pub fn validate(&self) -> Result<()> {
-        for (field, value) in &self.other {
-            if BOOKKEEPING.contains(&field.as_str()) {
-                continue;
+        for field in ["layers_to_transform", "layers_pattern"] {
+            if let Some(value) = self.other.get(field) {
+                return Err(Error::config(format!(
+                    "unsupported LN tuning field `{field}` = {value} (PEFT's LNTuningConfig has \
+                     no such field: select layers with a target_modules regex)"
+                )));
             }
-            let hint = match field.as_str() {
-                "layers_to_transform" | "layers_pattern" => {
-                    " (PEFT's LNTuningConfig has no such field: select layers with a \
-                     target_modules regex)"
-                }
-                _ => "",
-            };
-            return Err(Error::config(format!(
-                "unsupported LN tuning field `{field}` = {value}{hint}; LNTuningConfig takes \
-                 target_modules, exclude_modules and modules_to_save"
-            )));
         }
-        Ok(())
-    }
-}
-
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
+        reject_unsupported("LN tuning", &self.other, &[], FIELDS)
     }
 }
 
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field(
+        ConfigField::new(
             "target_modules",
             "list of names or regex string",
             "per model type (llama: input_layernorm, post_attention_layernorm, norm; bert: LayerNorm)",
             "modules whose parameters (norm weight and bias) train",
         ),
-        field(
+        ConfigField::new(
             "exclude_modules",
             "list of names or regex string",
             "null",
             "modules never trained",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null (classification heads for sequence classification)",
@@ -128,5 +104,11 @@ mod tests {
         );
         let err = parse(r#"{"r": 8}"#).validate().unwrap_err().to_string();
         assert!(err.contains("`r`"), "{err}");
+    }
+
+    #[test]
+    fn the_accepted_fields_are_the_documented_ones() {
+        let documented: Vec<String> = fields().into_iter().map(|f| f.name).collect();
+        assert_eq!(documented, FIELDS);
     }
 }

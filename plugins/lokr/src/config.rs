@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
+use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
 use whetstone_sdk::targets::{pattern_value, TargetSpec};
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -96,27 +97,6 @@ pub struct LoKrConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-/// PEFT fields that carry no behaviour here.
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
-];
-
-/// Whether a value is PEFT's "off" for a feature (so the field can be ignored).
-fn is_off(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
-}
-
 fn check_probability(field: &str, p: f64) -> Result<()> {
     if (0.0..1.0).contains(&p) {
         Ok(())
@@ -138,8 +118,10 @@ impl LoKrConfig {
                 "layers_pattern is set but layers_to_transform is not (PEFT requires both)",
             ));
         }
+        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
+        // `reject_unsupported`, which accepts only the fields it is given while off).
         for (field, value) in &self.other {
-            if BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
+            if PEFT_BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
                 continue;
             }
             return Err(Error::config(format!(
@@ -162,99 +144,90 @@ impl LoKrConfig {
     }
 }
 
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
-    }
-}
-
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field("r", "int", "8", "rank of the low-rank Kronecker factors"),
-        field(
+        ConfigField::new("r", "int", "8", "rank of the low-rank Kronecker factors"),
+        ConfigField::new(
             "alpha",
             "float",
             "8",
             "scaling numerator: scaling = alpha / r",
         ),
-        field(
+        ConfigField::new(
             "rank_dropout",
             "float",
             "0.0",
             "training only: drop output rows of ΔW",
         ),
-        field(
+        ConfigField::new(
             "rank_dropout_scale",
             "bool",
             "false",
             "divide the rank_dropout mask by the kept fraction",
         ),
-        field(
+        ConfigField::new(
             "module_dropout",
             "float",
             "0.0",
             "training only: probability of skipping a module's update in a forward",
         ),
-        field(
+        ConfigField::new(
             "decompose_both",
             "bool",
             "false",
             "also factor w1 as lokr_w1_a · lokr_w1_b when r < max(w1 dims) / 2",
         ),
-        field(
+        ConfigField::new(
             "decompose_factor",
             "int",
             "-1",
             "Kronecker split of each dimension (-1: near its square root)",
         ),
-        field(
+        ConfigField::new(
             "use_effective_conv2d",
             "bool",
             "false",
             "convolutions only; no effect on linear modules",
         ),
-        field(
+        ConfigField::new(
             "target_modules",
             "list of names, regex string or \"all-linear\"",
             "per model type (q/v projections)",
             "modules to wrap",
         ),
-        field(
+        ConfigField::new(
             "exclude_modules",
             "list of names or regex string",
             "null",
             "modules never wrapped",
         ),
-        field(
+        ConfigField::new(
             "layers_to_transform",
             "int or list of ints",
             "null",
             "only wrap modules in these blocks",
         ),
-        field(
+        ConfigField::new(
             "layers_pattern",
             "string or list",
             "null",
             "the block container name (layers, layer, h)",
         ),
-        field("rank_pattern", "map regex → int", "{}", "per-module rank"),
-        field(
+        ConfigField::new("rank_pattern", "map regex → int", "{}", "per-module rank"),
+        ConfigField::new(
             "alpha_pattern",
             "map regex → float",
             "{}",
             "per-module alpha",
         ),
-        field(
+        ConfigField::new(
             "init_weights",
             "true | false | \"lycoris\"",
             "true",
             "true: w1 zero; \"lycoris\": w2 zero; false: all factors random (tests)",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null (classification heads for sequence classification)",

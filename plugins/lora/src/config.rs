@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
+use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
 use whetstone_sdk::targets::{pattern_value, TargetSpec};
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -96,30 +97,9 @@ pub struct LoraConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-/// PEFT fields that carry no behaviour here (bookkeeping, or features off by default).
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
-    // Settings of features that are off unless their switch is on (`megatron_config`,
-    // `use_qalora`), which PEFT writes with non-empty defaults.
-    "megatron_core",
-    "qalora_group_size",
-];
-
-/// Whether a value is PEFT's "off" for a feature (so the field can be ignored).
-fn is_off(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
-}
+/// Settings of features that are off unless their switch is on (`megatron_config`,
+/// `use_qalora`), which PEFT writes with non-empty defaults: they carry no behaviour here.
+const SWITCHED_SETTINGS: &[&str] = &["megatron_core", "qalora_group_size"];
 
 impl LoraConfig {
     /// Refuses values LoRA cannot honour, naming the field.
@@ -133,8 +113,13 @@ impl LoraConfig {
                 self.lora_dropout
             )));
         }
+        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
+        // `reject_unsupported`, which accepts only the fields it is given while off).
         for (field, value) in &self.other {
-            if BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
+            if PEFT_BOOKKEEPING.contains(&field.as_str())
+                || SWITCHED_SETTINGS.contains(&field.as_str())
+                || is_off(value)
+            {
                 continue;
             }
             let hint = match field.as_str() {
@@ -161,87 +146,78 @@ impl LoraConfig {
     }
 }
 
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
-    }
-}
-
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field("r", "int", "8", "rank of the update"),
-        field(
+        ConfigField::new("r", "int", "8", "rank of the update"),
+        ConfigField::new(
             "lora_alpha",
             "float",
             "8",
             "scaling numerator: scaling = lora_alpha / r",
         ),
-        field(
+        ConfigField::new(
             "lora_dropout",
             "float",
             "0.0",
             "dropout on the LoRA branch's input",
         ),
-        field(
+        ConfigField::new(
             "target_modules",
             "list of names, regex string or \"all-linear\"",
             "per model type (q/v projections)",
             "modules to wrap",
         ),
-        field(
+        ConfigField::new(
             "exclude_modules",
             "list of names or regex string",
             "null",
             "modules never wrapped",
         ),
-        field(
+        ConfigField::new(
             "layers_to_transform",
             "int or list of ints",
             "null",
             "only wrap modules in these blocks",
         ),
-        field(
+        ConfigField::new(
             "layers_pattern",
             "string or list",
             "null",
             "the block container name (layers, layer, h)",
         ),
-        field("rank_pattern", "map regex → int", "{}", "per-module rank"),
-        field(
+        ConfigField::new("rank_pattern", "map regex → int", "{}", "per-module rank"),
+        ConfigField::new(
             "alpha_pattern",
             "map regex → float",
             "{}",
             "per-module alpha",
         ),
-        field(
+        ConfigField::new(
             "use_rslora",
             "bool",
             "false",
             "scaling = lora_alpha / sqrt(r) (rsLoRA)",
         ),
-        field(
+        ConfigField::new(
             "use_dora",
             "bool",
             "false",
             "DoRA: W' = m · (W + s·B·A) / ‖W + s·B·A‖ with a trainable magnitude m per output row",
         ),
-        field(
+        ConfigField::new(
             "bias",
             "\"none\" | \"all\" | \"lora_only\"",
             "\"none\"",
             "which biases train",
         ),
-        field(
+        ConfigField::new(
             "init_lora_weights",
             "true | false | \"gaussian\"",
             "true",
             "initialisation of A and B",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null (classification heads for sequence classification)",

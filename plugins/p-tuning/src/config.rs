@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
+use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
 use whetstone_sdk::{ConfigField, Error, ModelInfo, Result};
 
 /// PEFT's `encoder_reparameterization_type`.
@@ -66,29 +67,8 @@ pub struct PromptEncoderConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-/// PEFT fields that carry no behaviour here.
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
-    // Filled in by PEFT from the model config; P-tuning's shape does not depend on them.
-    "num_attention_heads",
-    "num_layers",
-];
-
-/// Whether a value is PEFT's "off" for a feature (so the field can be ignored).
-fn is_off(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
-}
+/// Filled in by PEFT from the model config; P-tuning's shape does not depend on them.
+const FROM_MODEL: &[&str] = &["num_attention_heads", "num_layers"];
 
 impl PromptEncoderConfig {
     /// Refuses values P-tuning cannot honour, naming the field.
@@ -119,8 +99,13 @@ impl PromptEncoderConfig {
                 self.encoder_dropout
             )));
         }
+        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
+        // `reject_unsupported`, which accepts only the fields it is given while off).
         for (field, value) in &self.other {
-            if BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
+            if PEFT_BOOKKEEPING.contains(&field.as_str())
+                || FROM_MODEL.contains(&field.as_str())
+                || is_off(value)
+            {
                 continue;
             }
             return Err(Error::config(format!(
@@ -153,62 +138,53 @@ impl PromptEncoderConfig {
     }
 }
 
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
-    }
-}
-
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field(
+        ConfigField::new(
             "num_virtual_tokens",
             "int",
             "",
             "virtual tokens prepended to every input",
         ),
-        field(
+        ConfigField::new(
             "encoder_reparameterization_type",
             "\"MLP\"",
             "\"MLP\"",
             "the prompt encoder: embedding → Linear → ReLU → Linear → ReLU → Linear (LSTM is \
              not supported)",
         ),
-        field(
+        ConfigField::new(
             "encoder_hidden_size",
             "int",
             "token_dim",
             "hidden width of the MLP",
         ),
-        field(
+        ConfigField::new(
             "encoder_num_layers",
             "int",
             "2",
             "accepted; PEFT's MLP always has three linear layers",
         ),
-        field(
+        ConfigField::new(
             "encoder_dropout",
             "float",
             "0.0",
             "accepted; PEFT applies it to the LSTM only",
         ),
-        field(
+        ConfigField::new(
             "token_dim",
             "int",
             "the model's hidden size",
             "width of a virtual token (must match the model)",
         ),
-        field(
+        ConfigField::new(
             "num_transformer_submodules",
             "int",
             "1",
             "1 (decoder-only models and encoders); encoder-decoder models are not supported",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null (classification heads for sequence classification)",

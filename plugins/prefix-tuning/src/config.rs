@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
+use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
 use whetstone_sdk::{ConfigField, Error, ModelInfo, Result};
 
 use crate::layout::Layout;
@@ -69,27 +70,6 @@ pub struct PrefixTuningConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-/// PEFT fields that carry no behaviour here.
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
-];
-
-/// Whether a value is PEFT's "off" for a feature (so the field can be ignored).
-fn is_off(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
-}
-
 impl PrefixTuningConfig {
     /// Refuses values prefix tuning cannot honour, naming the field.
     pub fn validate(&self) -> Result<()> {
@@ -111,8 +91,10 @@ impl PrefixTuningConfig {
         if self.encoder_hidden_size == Some(0) {
             return Err(Error::config("encoder_hidden_size must be at least 1"));
         }
+        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
+        // `reject_unsupported`, which accepts only the fields it is given while off).
         for (field, value) in &self.other {
-            if BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
+            if PEFT_BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
                 continue;
             }
             return Err(Error::config(format!(
@@ -178,67 +160,58 @@ impl PrefixTuningConfig {
     }
 }
 
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
-    }
-}
-
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field(
+        ConfigField::new(
             "num_virtual_tokens",
             "int",
             "",
             "prefix positions in front of every attention layer's keys and values",
         ),
-        field(
+        ConfigField::new(
             "prefix_projection",
             "bool",
             "false",
             "reparameterise the prefix: embedding → Linear → Tanh → Linear",
         ),
-        field(
+        ConfigField::new(
             "encoder_hidden_size",
             "int",
             "token_dim",
             "hidden width of the projection",
         ),
-        field(
+        ConfigField::new(
             "init_weights",
             "null | \"zero\"",
             "null",
             "\"zero\": the prefix (or the projection's last layer) starts at zero",
         ),
-        field(
+        ConfigField::new(
             "token_dim",
             "int",
             "key/value heads × head dim",
             "key/value width of a layer (must match the model)",
         ),
-        field(
+        ConfigField::new(
             "num_attention_heads",
             "int",
             "the model's key/value heads",
             "must match the model",
         ),
-        field(
+        ConfigField::new(
             "num_layers",
             "int",
             "the model's layers",
             "must match the model",
         ),
-        field(
+        ConfigField::new(
             "num_transformer_submodules",
             "int",
             "1",
             "1 (decoder-only models and encoders); encoder-decoder models are not supported",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null (classification heads for sequence classification)",

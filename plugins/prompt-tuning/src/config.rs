@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
+use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
 use whetstone_sdk::{ConfigField, Error, ModelInfo, Result};
 
 /// PEFT's `prompt_tuning_init`.
@@ -73,28 +74,8 @@ pub struct PromptTuningConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-/// PEFT fields that carry no behaviour here.
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "auto_mapping",
-    "peft_version",
-    // Filled in by PEFT from the model config; prompt tuning's shape does not depend on them.
-    "num_attention_heads",
-    "num_layers",
-];
-
-/// Whether a value is PEFT's "off" for a feature (so the field can be ignored).
-fn is_off(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
-}
+/// Filled in by PEFT from the model config; prompt tuning's shape does not depend on them.
+const FROM_MODEL: &[&str] = &["num_attention_heads", "num_layers"];
 
 impl PromptTuningConfig {
     /// Refuses values prompt tuning cannot honour, naming the field.
@@ -152,8 +133,13 @@ impl PromptTuningConfig {
                 "prompt_tuning_init_token_ids is empty: prompt_tuning_init_text gave no tokens",
             ));
         }
+        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
+        // `reject_unsupported`, which accepts only the fields it is given while off).
         for (field, value) in &self.other {
-            if BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
+            if PEFT_BOOKKEEPING.contains(&field.as_str())
+                || FROM_MODEL.contains(&field.as_str())
+                || is_off(value)
+            {
                 continue;
             }
             let hint = match field.as_str() {
@@ -187,63 +173,54 @@ impl PromptTuningConfig {
     }
 }
 
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
-    }
-}
-
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field(
+        ConfigField::new(
             "num_virtual_tokens",
             "int",
             "",
             "virtual tokens prepended to every input",
         ),
-        field(
+        ConfigField::new(
             "prompt_tuning_init",
             "\"RANDOM\" | \"TEXT\" | \"SAMPLE_VOCAB\"",
             "\"RANDOM\"",
             "RANDOM: N(0, 1); TEXT: embeddings of prompt_tuning_init_text (repeated or cut to \
              num_virtual_tokens); SAMPLE_VOCAB: embeddings of random vocabulary tokens",
         ),
-        field(
+        ConfigField::new(
             "prompt_tuning_init_text",
             "string",
             "null",
             "the text of TEXT init, tokenized by the host with the model's tokenizer",
         ),
-        field(
+        ConfigField::new(
             "prompt_tuning_init_token_ids",
             "list of ints",
             "added by the host",
             "the token ids of prompt_tuning_init_text (special tokens included)",
         ),
-        field(
+        ConfigField::new(
             "token_dim",
             "int",
             "the model's hidden size",
             "width of a virtual token (must match the model)",
         ),
-        field(
+        ConfigField::new(
             "num_transformer_submodules",
             "int",
             "1",
             "1 (decoder-only models and encoders); encoder-decoder models are not supported",
         ),
-        field(
+        ConfigField::new(
             "tokenizer_name_or_path",
             "string",
             "null",
             "required with TEXT, as PEFT requires it (the host tokenizes with the model's own \
              tokenizer)",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null (classification heads for sequence classification)",

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
 use whetstone_sdk::targets::TargetSpec;
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -87,27 +88,6 @@ pub struct VeraConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-/// PEFT fields that carry no behaviour here.
-const BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
-];
-
-/// Whether a value is PEFT's "off" for a feature (so the field can be ignored).
-fn is_off(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
-}
-
 impl VeraConfig {
     /// Refuses values VeRA cannot honour, naming the field.
     pub fn validate(&self) -> Result<()> {
@@ -126,8 +106,10 @@ impl VeraConfig {
                 self.d_initial
             )));
         }
+        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
+        // `reject_unsupported`, which accepts only the fields it is given while off).
         for (field, value) in &self.other {
-            if BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
+            if PEFT_BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
                 continue;
             }
             let hint = match field.as_str() {
@@ -142,92 +124,83 @@ impl VeraConfig {
     }
 }
 
-fn field(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
-    ConfigField {
-        name: name.into(),
-        ty: ty.into(),
-        default: default.into(),
-        doc: doc.into(),
-    }
-}
-
 /// The documented fields.
 pub fn fields() -> Vec<ConfigField> {
     vec![
-        field(
+        ConfigField::new(
             "r",
             "int",
             "256",
             "rank of the shared random projections vera_A [r, max_in] and vera_B [max_out, r]",
         ),
-        field(
+        ConfigField::new(
             "target_modules",
             "list of names, regex string or \"all-linear\"",
             "per model type (q/v projections)",
             "modules to wrap",
         ),
-        field(
+        ConfigField::new(
             "exclude_modules",
             "list of names or regex string",
             "null",
             "modules never wrapped",
         ),
-        field(
+        ConfigField::new(
             "layers_to_transform",
             "int or list of ints",
             "null",
             "only wrap modules in these blocks",
         ),
-        field(
+        ConfigField::new(
             "layers_pattern",
             "string or list",
             "null",
             "the block container name (layers, layer, h)",
         ),
-        field(
+        ConfigField::new(
             "projection_prng_key",
             "int",
             "0",
             "seed of vera_A / vera_B (Whetstone's own generator, not torch's)",
         ),
-        field(
+        ConfigField::new(
             "save_projection",
             "bool",
             "true",
             "accepted for PEFT compatibility; Whetstone never stores the projections, it \
              regenerates them from projection_prng_key",
         ),
-        field(
+        ConfigField::new(
             "vera_dropout",
             "float",
             "0.0",
             "dropout on the VeRA branch's input",
         ),
-        field(
+        ConfigField::new(
             "d_initial",
             "float",
             "0.1",
             "initial value of vera_lambda_d",
         ),
-        field(
+        ConfigField::new(
             "init_weights",
             "bool",
             "true",
             "true: vera_lambda_b zero, vera_lambda_d = d_initial; false: ones and N(0, 1)",
         ),
-        field(
+        ConfigField::new(
             "fan_in_fan_out",
             "bool",
             "false",
             "true (GPT-2 Conv1D weights) is refused",
         ),
-        field(
+        ConfigField::new(
             "bias",
             "\"none\" | \"all\" | \"vera_only\"",
             "\"none\"",
             "which biases train",
         ),
-        field(
+        ConfigField::new(
             "modules_to_save",
             "list of names",
             "null (classification heads for sequence classification)",
