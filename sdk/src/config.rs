@@ -18,6 +18,9 @@
 //! let err = reject_unsupported("IA3", &other, &["fan_in_fan_out"], &["target_modules"]);
 //! assert!(err.unwrap_err().to_string().contains("fan_in_fan_out"));
 //! ```
+//!
+//! A plugin that accepts every field while it is switched off, so that configurations from newer
+//! PEFT versions still load, calls [`reject_switched_on`] instead.
 
 use std::collections::BTreeMap;
 
@@ -80,6 +83,53 @@ pub fn reject_unsupported(
     Ok(())
 }
 
+/// Checks the fields of a configuration that the plugin's struct did not take, accepting any
+/// field while it is switched off: PEFT's bookkeeping ([`PEFT_BOOKKEEPING`]) and the fields in
+/// `accepted` pass whatever their value, every other field passes while it is off ([`is_off`]),
+/// so configurations saved by other PEFT versions, with new fields set to `null`, still load.
+/// The first field that is switched on is refused as
+/// ``unsupported {method} field `{field}` = {value}{hint}``, where `hint` is that field's entry
+/// in `hints` (empty when it has none).
+///
+/// Unlike [`reject_unsupported`], which accepts only the fields it is given while off, this
+/// accepts every field while off.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use serde_json::{json, Value};
+/// use whetstone_sdk::config::reject_switched_on;
+///
+/// let hints = [("fan_in_fan_out", " (GPT-2 Conv1D weights are not supported)")];
+/// let mut other: BTreeMap<String, Value> = BTreeMap::new();
+/// other.insert("peft_type".into(), json!("VERA"));
+/// other.insert("layers_pattern".into(), json!(null));
+/// assert!(reject_switched_on("VeRA", &other, &[], &hints).is_ok());
+/// other.insert("fan_in_fan_out".into(), json!(true));
+/// let err = reject_switched_on("VeRA", &other, &[], &hints).unwrap_err();
+/// assert!(err.to_string().contains("GPT-2 Conv1D"));
+/// ```
+pub fn reject_switched_on(
+    method: &str,
+    other: &BTreeMap<String, Value>,
+    accepted: &[&str],
+    hints: &[(&str, &str)],
+) -> Result<()> {
+    for (field, value) in other {
+        let field = field.as_str();
+        if PEFT_BOOKKEEPING.contains(&field) || accepted.contains(&field) || is_off(value) {
+            continue;
+        }
+        let hint = hints
+            .iter()
+            .find(|(name, _)| *name == field)
+            .map_or("", |(_, hint)| hint);
+        return Err(Error::config(format!(
+            "unsupported {method} field `{field}` = {value}{hint}"
+        )));
+    }
+    Ok(())
+}
+
 impl ConfigField {
     /// A documented field: `default` as written in JSON, empty when the field is required.
     pub fn new(name: &str, ty: &str, default: &str, doc: &str) -> ConfigField {
@@ -131,5 +181,36 @@ mod tests {
             .to_string();
         assert!(message.contains("`ewc_lamda`"), "{message}");
         assert!(message.contains("ewc_lambda"), "{message}");
+    }
+
+    #[test]
+    fn switched_on_fields_are_refused_with_their_hint() {
+        let hints = [("fan_in_fan_out", " (Conv1D)")];
+        let mut other = BTreeMap::new();
+        other.insert("task_type".to_string(), json!("CAUSAL_LM"));
+        other.insert("megatron_core".to_string(), json!("megatron.core"));
+        other.insert("new_in_a_later_peft".to_string(), json!(null));
+        other.insert("fan_in_fan_out".to_string(), json!(false));
+        assert!(reject_switched_on("LoRA", &other, &["megatron_core"], &hints).is_ok());
+
+        other.insert("fan_in_fan_out".to_string(), json!(true));
+        let message = reject_switched_on("LoRA", &other, &["megatron_core"], &hints)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("unsupported LoRA field `fan_in_fan_out` = true (Conv1D)"),
+            "{message}"
+        );
+
+        other.remove("fan_in_fan_out");
+        other.insert("use_dora".to_string(), json!(true));
+        let message = reject_switched_on("LoRA", &other, &["megatron_core"], &hints)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("unsupported LoRA field `use_dora` = true")
+                && !message.contains("Conv1D"),
+            "{message}"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
-use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
+use whetstone_sdk::config::reject_switched_on;
 use whetstone_sdk::targets::TargetSpec;
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -189,24 +189,28 @@ const SWITCHED_SETTINGS: &[&str] = &[
 /// sublayer's output, and the block's own residual and LayerNorm follow it.
 const ON_AS_HERE: &[&str] = &["original_ln_after", "residual_before_ln"];
 
-fn hint(field: &str) -> &'static str {
-    match field {
-        "original_ln_before" | "original_ln_after" | "residual_before_ln" => {
-            " (the adapter reads the output projection's result, before the block's own \
-             residual and LayerNorm)"
-        }
-        "ln_before" | "ln_after" | "adapter_residual_before_ln" => {
-            " (adapter LayerNorms are not implemented)"
-        }
-        "is_parallel" => " (parallel adapters are not implemented)",
-        "phm_layer" => " (Compacter's PHM layers are not implemented)",
-        "inv_adapter" => " (invertible adapters are not implemented)",
-        "use_gating" => " (gated adapters are not implemented)",
-        "cross_adapter" => " (encoder-decoder models are not supported)",
-        "stochastic_depth" => " (stochastic depth is not implemented)",
-        _ => "",
-    }
-}
+/// The reason each AdapterHub feature is refused when it is switched on.
+const HINTS: &[(&str, &str)] = &[
+    ("original_ln_before", READS_OUTPUT),
+    ("original_ln_after", READS_OUTPUT),
+    ("residual_before_ln", READS_OUTPUT),
+    ("ln_before", NO_LAYER_NORMS),
+    ("ln_after", NO_LAYER_NORMS),
+    ("adapter_residual_before_ln", NO_LAYER_NORMS),
+    ("is_parallel", " (parallel adapters are not implemented)"),
+    ("phm_layer", " (Compacter's PHM layers are not implemented)"),
+    ("inv_adapter", " (invertible adapters are not implemented)"),
+    ("use_gating", " (gated adapters are not implemented)"),
+    (
+        "cross_adapter",
+        " (encoder-decoder models are not supported)",
+    ),
+    ("stochastic_depth", " (stochastic depth is not implemented)"),
+];
+
+const READS_OUTPUT: &str = " (the adapter reads the output projection's result, before the \
+                            block's own residual and LayerNorm)";
+const NO_LAYER_NORMS: &str = " (adapter LayerNorms are not implemented)";
 
 impl BottleneckConfig {
     /// The architecture, from `config` and `architecture`.
@@ -274,23 +278,17 @@ impl BottleneckConfig {
                 self.scaling
             )));
         }
-        // Bookkeeping, and any other field while it is off, are accepted (unlike
-        // `reject_unsupported`, which accepts only the fields it is given while off).
-        for (field, value) in &self.other {
-            let as_here = ON_AS_HERE.contains(&field.as_str()) && *value == Value::Bool(true);
-            if as_here
-                || PEFT_BOOKKEEPING.contains(&field.as_str())
-                || SWITCHED_SETTINGS.contains(&field.as_str())
-                || is_off(value)
-            {
-                continue;
-            }
-            return Err(Error::config(format!(
-                "unsupported bottleneck adapter field `{field}` = {value}{}",
-                hint(field)
-            )));
-        }
-        Ok(())
+        // The fields whose on value is what this plugin does pass here; the rest are refused
+        // while switched on.
+        let other: BTreeMap<String, Value> = self
+            .other
+            .iter()
+            .filter(|(field, value)| {
+                !(ON_AS_HERE.contains(&field.as_str()) && **value == Value::Bool(true))
+            })
+            .map(|(field, value)| (field.clone(), value.clone()))
+            .collect();
+        reject_switched_on("bottleneck adapter", &other, SWITCHED_SETTINGS, HINTS)
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 use serde_json::Value;
-use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
+use whetstone_sdk::config::{is_off, reject_switched_on};
 use whetstone_sdk::targets::{ModuleSelector, TargetSpec};
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -70,8 +70,8 @@ impl Ia3Config {
                 )));
             }
         }
-        // Checked before the loop below, which takes a number 0 for off: `layers_to_transform
-        // = 0` asks for block 0.
+        // Checked before `reject_switched_on`, which takes a number 0 for off:
+        // `layers_to_transform = 0` asks for block 0.
         for field in ["layers_to_transform", "layers_pattern"] {
             if let Some(value) = self
                 .other
@@ -84,17 +84,7 @@ impl Ia3Config {
                 )));
             }
         }
-        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
-        // `reject_unsupported`, which accepts only the fields it is given while off).
-        for (field, value) in &self.other {
-            if PEFT_BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
-                continue;
-            }
-            return Err(Error::config(format!(
-                "unsupported IA3 field `{field}` = {value}"
-            )));
-        }
-        Ok(())
+        reject_switched_on("IA3", &self.other, &[], &[])
     }
 
     /// `target_modules` and `exclude_modules` as the SDK's PEFT matcher takes them.

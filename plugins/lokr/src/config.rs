@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
-use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
+use whetstone_sdk::config::reject_switched_on;
 use whetstone_sdk::targets::{pattern_value, TargetSpec};
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -118,17 +118,7 @@ impl LoKrConfig {
                 "layers_pattern is set but layers_to_transform is not (PEFT requires both)",
             ));
         }
-        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
-        // `reject_unsupported`, which accepts only the fields it is given while off).
-        for (field, value) in &self.other {
-            if PEFT_BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
-                continue;
-            }
-            return Err(Error::config(format!(
-                "unsupported LoKr field `{field}` = {value}"
-            )));
-        }
-        Ok(())
+        reject_switched_on("LoKr", &self.other, &[], &[])
     }
 
     /// Rank and alpha of `module`, after `rank_pattern` / `alpha_pattern`.

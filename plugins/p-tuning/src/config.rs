@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
-use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
+use whetstone_sdk::config::reject_switched_on;
 use whetstone_sdk::{ConfigField, Error, ModelInfo, Result};
 
 /// PEFT's `encoder_reparameterization_type`.
@@ -99,20 +99,7 @@ impl PromptEncoderConfig {
                 self.encoder_dropout
             )));
         }
-        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
-        // `reject_unsupported`, which accepts only the fields it is given while off).
-        for (field, value) in &self.other {
-            if PEFT_BOOKKEEPING.contains(&field.as_str())
-                || FROM_MODEL.contains(&field.as_str())
-                || is_off(value)
-            {
-                continue;
-            }
-            return Err(Error::config(format!(
-                "unsupported P-tuning field `{field}` = {value}"
-            )));
-        }
-        Ok(())
+        reject_switched_on("P-tuning", &self.other, FROM_MODEL, &[])
     }
 
     /// The number of virtual tokens (after [`validate`](Self::validate)).

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
-use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
+use whetstone_sdk::config::reject_switched_on;
 use whetstone_sdk::{ConfigField, Error, ModelInfo, Result};
 
 use crate::layout::Layout;
@@ -91,17 +91,7 @@ impl PrefixTuningConfig {
         if self.encoder_hidden_size == Some(0) {
             return Err(Error::config("encoder_hidden_size must be at least 1"));
         }
-        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
-        // `reject_unsupported`, which accepts only the fields it is given while off).
-        for (field, value) in &self.other {
-            if PEFT_BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
-                continue;
-            }
-            return Err(Error::config(format!(
-                "unsupported prefix tuning field `{field}` = {value}"
-            )));
-        }
-        Ok(())
+        reject_switched_on("prefix tuning", &self.other, &[], &[])
     }
 
     /// The number of prefix positions (after [`validate`](Self::validate)).

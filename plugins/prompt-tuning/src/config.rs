@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
-use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
+use whetstone_sdk::config::reject_switched_on;
 use whetstone_sdk::{ConfigField, Error, ModelInfo, Result};
 
 /// PEFT's `prompt_tuning_init`.
@@ -133,26 +133,15 @@ impl PromptTuningConfig {
                 "prompt_tuning_init_token_ids is empty: prompt_tuning_init_text gave no tokens",
             ));
         }
-        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
-        // `reject_unsupported`, which accepts only the fields it is given while off).
-        for (field, value) in &self.other {
-            if PEFT_BOOKKEEPING.contains(&field.as_str())
-                || FROM_MODEL.contains(&field.as_str())
-                || is_off(value)
-            {
-                continue;
-            }
-            let hint = match field.as_str() {
-                "tokenizer_kwargs" => {
-                    " (the host tokenizes prompt_tuning_init_text with the model's own tokenizer)"
-                }
-                _ => "",
-            };
-            return Err(Error::config(format!(
-                "unsupported prompt tuning field `{field}` = {value}{hint}"
-            )));
-        }
-        Ok(())
+        reject_switched_on(
+            "prompt tuning",
+            &self.other,
+            FROM_MODEL,
+            &[(
+                "tokenizer_kwargs",
+                " (the host tokenizes prompt_tuning_init_text with the model's own tokenizer)",
+            )],
+        )
     }
 
     /// The number of virtual tokens (after [`validate`](Self::validate)).

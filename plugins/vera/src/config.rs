@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
-use whetstone_sdk::config::{is_off, PEFT_BOOKKEEPING};
+use whetstone_sdk::config::reject_switched_on;
 use whetstone_sdk::targets::TargetSpec;
 use whetstone_sdk::{ConfigField, Error, Result};
 
@@ -106,21 +106,15 @@ impl VeraConfig {
                 self.d_initial
             )));
         }
-        // PEFT's bookkeeping, and any other field while it is off, are accepted (unlike
-        // `reject_unsupported`, which accepts only the fields it is given while off).
-        for (field, value) in &self.other {
-            if PEFT_BOOKKEEPING.contains(&field.as_str()) || is_off(value) {
-                continue;
-            }
-            let hint = match field.as_str() {
-                "fan_in_fan_out" => " (GPT-2 Conv1D weights are not supported)",
-                _ => "",
-            };
-            return Err(Error::config(format!(
-                "unsupported VeRA field `{field}` = {value}{hint}"
-            )));
-        }
-        Ok(())
+        reject_switched_on(
+            "VeRA",
+            &self.other,
+            &[],
+            &[(
+                "fan_in_fan_out",
+                " (GPT-2 Conv1D weights are not supported)",
+            )],
+        )
     }
 }
 
