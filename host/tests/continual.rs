@@ -274,10 +274,10 @@ fn ewc_and_replay_forget_less_than_plain_fine_tuning() {
     for (name, r) in [("plain", &plain), ("EWC", &ewc), ("replay", &replay)] {
         eprintln!("{name}: {:?}, forgetting {:?}", r.matrix, r.forgetting);
         assert_eq!(r.matrix.len(), 2);
-        assert_eq!(
-            r.tasks[1].gradient_examples,
-            if name == "EWC" { 96 } else { 0 }
-        );
+        // The pass follows every task but the last, for a method that asks for it.
+        let wanted = if name == "EWC" { 96 } else { 0 };
+        assert_eq!(r.tasks[0].gradient_examples, wanted);
+        assert_eq!(r.tasks[1].gradient_examples, 0);
     }
     assert_eq!(
         replay.tasks[1].replayed_examples, 41,

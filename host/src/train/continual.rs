@@ -7,8 +7,8 @@
 //! everything else comes from `[data]` and `[training]`. Each task trains with a fresh optimizer
 //! and schedule (`fit`), in its own output folder `tasks/<index>-<name>/`. Then:
 //!
-//! 1. if the method asks for it (`task_gradient_examples`), the host runs forward and backward on
-//!    that many of the task's training examples, one at a time, in evaluation mode (no dropout)
+//! 1. if the method asks for it (`task_gradient_examples`) and a task follows, the host runs
+//!    forward and backward on that many of the task's training examples, one at a time, in evaluation mode (no dropout)
 //!    with the data loss only, and sends a `task-gradient` event after each, during which the
 //!    plugin reads the gradients (`grad`);
 //! 2. the method hears `task-end`;
@@ -142,7 +142,8 @@ pub struct TaskResult {
     pub replayed_examples: usize,
     /// Mean seconds per step.
     pub seconds_per_step: f64,
-    /// Examples of the gradient pass after the task (0 when the method asks for none).
+    /// Examples of the gradient pass after the task (0 when the method asks for none, and after
+    /// the last task).
     pub gradient_examples: usize,
     /// Its own validation result right after it trained.
     pub eval_after_training: Option<EvalMetrics>,
@@ -366,7 +367,12 @@ pub fn train_sequence(
         let summary = fit(model, fit_data, training, &task_output, device, opts)?;
         let mut gradient_examples = 0;
         if let Some(m) = method {
-            let wanted = m.task_gradient_examples()?;
+            // No later task can use what the last one would consolidate.
+            let wanted = if t + 1 < tasks.len() {
+                m.task_gradient_examples()?
+            } else {
+                0
+            };
             if wanted > 0 {
                 let started = std::time::Instant::now();
                 gradient_examples = gradient_pass(
