@@ -65,6 +65,29 @@ pub struct Recipe {
     /// on `[data]` alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub continual: Option<crate::train::continual::ContinualConfig>,
+    /// A loss plugin that replaces the model's cross-entropy (see [`LossSpec`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<LossSpec>,
+    /// A teacher model whose logits the loss plugin receives (knowledge distillation; see
+    /// [`crate::train::teacher::TeacherSpec`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<crate::train::teacher::TeacherSpec>,
+}
+
+/// The `[loss]` section: the training loss comes from a loss plugin instead of the model's
+/// cross-entropy. `kind` is the plugin's id, `transport` which build to load (`auto`, `native`,
+/// `wasm`); every other field is the loss's configuration. Evaluation keeps the model's own
+/// cross-entropy, so held-out figures stay comparable between losses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LossSpec {
+    /// The loss plugin's id (`distill`, ...).
+    pub kind: String,
+    /// Which build of the plugin to load.
+    #[serde(default)]
+    pub transport: crate::plugin::TransportKind,
+    /// The loss's configuration (every other field).
+    #[serde(flatten)]
+    pub config: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The `[method]` section: how the model is fine-tuned.
@@ -493,6 +516,12 @@ impl Recipe {
         match &self.continual {
             Some(continual) => continual.validate(&self.data)?,
             None => self.data.validate()?,
+        }
+        if self.teacher.is_some() && self.loss.is_none() {
+            return Err(Error::config(
+                "[teacher] needs a [loss] that uses the teacher's logits, e.g. kind = \"distill\" \
+                 (`whet plugin build plugins/distill`)",
+            ));
         }
         if let MethodSpec::Partial { trainable } = &self.method {
             if trainable.is_empty() {

@@ -251,6 +251,7 @@ fn two_tasks(method: Option<Value>, replay: (usize, f64)) -> ContinualReport {
     let (report, _) = train_sequence(
         &model,
         adapter.as_ref(),
+        None,
         &tasks,
         replay,
         0,

@@ -176,6 +176,7 @@ fn run(
         validation: &validation,
         pad_id: 0,
         method: Some(&adapter),
+        objective: None,
     };
     let result = fit(
         &model,

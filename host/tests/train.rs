@@ -466,6 +466,7 @@ fn fit_tiny(
         validation: &validation,
         pad_id: 0,
         method: None,
+        objective: None,
     };
     let output = OutputConfig {
         plot: true,

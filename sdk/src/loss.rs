@@ -24,8 +24,11 @@ pub trait Loss: Send + 'static {
         Vec::new()
     }
 
-    /// The scalar loss. Causal LM: logits `[batch, seq, vocab]`, labels and mask `[batch, seq]`;
-    /// classification: logits `[batch, classes]`, labels and mask `[batch]`.
+    /// The scalar loss. Classification: logits `[batch, classes]`, labels and mask `[batch]`.
+    /// Causal LM: logits `[batch, seq - 1, vocab]`, labels and mask `[batch, seq - 1]`, already
+    /// shifted by the host (the label at `t` is the token the logits at `t` predict). Labels are
+    /// `u32` ids, 0 where the mask is 0 (prompt, padding); the mask is `f32`, 1 where the position
+    /// counts. `teacher_logits` has the logits' shape and no gradient.
     fn compute(
         &self,
         logits: &Tensor,

@@ -328,6 +328,12 @@ impl Tensor {
         Tensor::op(Op::IndexSelect, &[self, indices.borrow()], &[dim], &[])
     }
 
+    /// Entries picked per position along `dim` by the integer tensor `indices`, which has the
+    /// rank of `self` (PyTorch's `gather`): `out[i][j] = self[i][indices[i][j]]` for `dim = 1`.
+    pub fn gather(&self, indices: impl Borrow<Tensor>, dim: i64) -> Result<Tensor> {
+        Tensor::op(Op::Gather, &[self, indices.borrow()], &[dim], &[])
+    }
+
     /// `self ? on_true : on_false` where `self` is a u8/u32 condition.
     pub fn where_cond(
         &self,

@@ -142,6 +142,10 @@ ops! {
     /// Inverted dropout with probability `p` in training mode; identity in evaluation mode.
     /// Masks come from the host's generator, seeded per step. inputs `[a]`, floats `[p]`.
     Dropout = 51, "dropout";
+    /// Entries of `a` picked per position by integer `indices` of the same rank along a dim
+    /// (PyTorch's `gather`; a loss picks each label's log-probability with it).
+    /// inputs `[a, indices]`, ints `[dim]`.
+    Gather = 52, "gather";
 }
 
 /// Element types (WIT `types.dtype`, C `WsDType`).

@@ -63,6 +63,7 @@ fn partial_fine_tune_of_smollm2_lowers_held_out_perplexity() -> anyhow::Result<(
             validation: &prepared.validation,
             pad_id: pad,
             method: None,
+            objective: None,
         },
         &training,
         &output,

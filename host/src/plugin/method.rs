@@ -61,7 +61,7 @@ pub fn layer_index(name: &str) -> Option<usize> {
     name.split('.').find_map(|part| part.parse().ok())
 }
 
-fn model_device(model: &dyn Model) -> Device {
+pub(crate) fn model_device(model: &dyn Model) -> Device {
     model
         .params()
         .iter()

@@ -12,6 +12,7 @@
 pub mod build;
 pub mod conformance;
 pub mod discover;
+pub mod loss;
 pub mod manifest;
 pub mod method;
 pub mod native;

@@ -243,6 +243,10 @@ pub fn apply(
             let x = a()?;
             x.index_select(b()?, dim(x, int(0)?)?)
         }
+        Op::Gather => {
+            let x = a()?;
+            x.gather(b()?, dim(x, int(0)?)?)
+        }
         Op::WhereCond => a()?.where_cond(b()?, input(2)?),
         Op::Squeeze => {
             let x = a()?;
@@ -306,6 +310,15 @@ mod tests {
 
     fn vals(x: &Tensor) -> Vec<f32> {
         x.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn gather_picks_one_entry_per_row() {
+        let a = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &Device::Cpu).unwrap();
+        let idx = Tensor::new(&[[2u32], [0]], &Device::Cpu).unwrap();
+        let g = run(Op::Gather, &[a.clone(), idx.clone()], &[-1], &[]).unwrap();
+        assert_eq!(vals(&g), vec![3.0, 4.0]);
+        assert!(run(Op::Gather, &[a, idx], &[5], &[]).is_err());
     }
 
     #[test]

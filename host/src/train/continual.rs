@@ -36,6 +36,7 @@ use super::run::{RunOptions, RunSummary};
 use crate::data::{collate, DataConfig, Example};
 use crate::model::{Mode, Model};
 use crate::plugin::method::MethodAdapter;
+use super::trainer::Objective;
 use crate::recipe::{OutputConfig, Recipe, TrainingConfig};
 use crate::{Error, Result};
 use candle_core::Device;
@@ -310,6 +311,7 @@ pub struct TaskExamples {
 pub fn train_sequence(
     model: &dyn Model,
     method: Option<&Arc<MethodAdapter>>,
+    objective: Option<&Objective>,
     tasks: &[TaskExamples],
     replay: (usize, f64),
     pad_id: u32,
@@ -363,6 +365,7 @@ pub fn train_sequence(
             validation: &task.validation,
             pad_id,
             method,
+            objective,
         };
         let summary = fit(model, fit_data, training, &task_output, device, opts)?;
         let mut gradient_examples = 0;
@@ -453,6 +456,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         device,
         loaded,
         method,
+        objective,
     } = load_run(recipe, opts)?;
     let model = loaded.model.as_ref();
     let mut tasks = Vec::with_capacity(continual.tasks.len());
@@ -471,6 +475,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     let (report, mut summary) = train_sequence(
         model,
         method.as_ref(),
+        Some(&objective),
         &tasks,
         (continual.replay_examples, continual.replay_ratio),
         loaded.special.pad,

@@ -17,8 +17,9 @@ pub mod plot;
 pub mod progress;
 pub mod run;
 pub mod schedule;
+pub mod teacher;
 pub mod trainer;
 
 pub use eval::{evaluate, EvalMetrics};
 pub use run::{fit, run, FitData, RunOptions, RunSummary, StepCallback};
-pub use trainer::{StepStats, Trainer};
+pub use trainer::{Objective, StepStats, Trainer};

@@ -16,7 +16,7 @@ use super::eval::{evaluate, EvalMetrics};
 use super::metrics::{read_metrics, MetricsRecord, MetricsWriter};
 use super::plot::plot_losses;
 use super::progress::Progress;
-use super::trainer::{StepStats, Trainer};
+use super::trainer::{Objective, StepStats, Trainer};
 use crate::data::{collate, BatchOrder, Example};
 use crate::model::Model;
 use crate::plugin::method::MethodAdapter;
@@ -177,6 +177,8 @@ pub struct FitData<'a> {
     /// The attached PEFT method plugin, if the method is one: its parameters train and it hears
     /// the lifecycle events.
     pub method: Option<&'a Arc<MethodAdapter>>,
+    /// A loss plugin and teacher replacing the model's cross-entropy (`None`: the model's).
+    pub objective: Option<&'a Objective>,
 }
 
 /// Makes the parameters the method names trainable (and freezes the rest). A plugin method is
@@ -235,6 +237,8 @@ pub(crate) struct LoadedRun {
     pub loaded: crate::model::load::LoadedModel,
     /// The attached method plugin, when the method is one.
     pub method: Option<Arc<MethodAdapter>>,
+    /// The `[loss]` plugin and `[teacher]`, when the recipe names them.
+    pub objective: Objective,
 }
 
 /// Opens the device, loads the model and applies the method of `recipe`.
@@ -253,10 +257,50 @@ pub(crate) fn load_run(recipe: &Recipe, opts: &RunOptions) -> Result<LoadedRun> 
         &plugin_paths,
         recipe.training.seed,
     )?;
+    let objective = load_objective(recipe, &loaded, &device, &plugin_paths)?;
     Ok(LoadedRun {
         device,
         loaded,
         method,
+        objective,
+    })
+}
+
+/// Loads the recipe's `[loss]` plugin and `[teacher]`, if any.
+fn load_objective(
+    recipe: &Recipe,
+    loaded: &crate::model::load::LoadedModel,
+    device: &Device,
+    plugin_paths: &[PathBuf],
+) -> Result<Objective> {
+    let Some(spec) = &recipe.loss else {
+        return Ok(Objective::default());
+    };
+    let manifest = crate::plugin::discover::find(&spec.kind, plugin_paths)?;
+    let plugin = crate::plugin::Plugin::load(&manifest, spec.transport)?;
+    let loss = crate::plugin::loss::LossAdapter::attach(
+        loaded.model.as_ref(),
+        plugin,
+        serde_json::Value::Object(spec.config.clone()),
+    )?;
+    tracing::info!(loss = spec.kind.as_str(), "loaded loss plugin");
+    let teacher = recipe
+        .teacher
+        .as_ref()
+        .map(|t| {
+            super::teacher::Teacher::load(
+                t,
+                device,
+                recipe.training.seed,
+                plugin_paths,
+                &loaded.tokenizer,
+            )
+            .map(Arc::new)
+        })
+        .transpose()?;
+    Ok(Objective {
+        loss: Some(loss),
+        teacher,
     })
 }
 
@@ -296,6 +340,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         device,
         loaded,
         method,
+        objective,
     } = load_run(recipe, opts)?;
     let model = loaded.model.as_ref();
     let data = crate::data::prepare(&recipe.data, &loaded)?;
@@ -308,6 +353,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         validation: &data.validation,
         pad_id: loaded.special.pad,
         method: method.as_ref(),
+        objective: Some(&objective),
     };
     let mut summary = fit(
         model,
@@ -507,7 +553,8 @@ pub fn fit(
     let order = BatchOrder::shuffled(data.train.len(), training.batch_size, training.seed)?;
     let batches_per_epoch = order.num_batches();
     let total_steps = training.total_steps(batches_per_epoch);
-    let mut trainer = Trainer::with_method(model, data.method.cloned(), training, total_steps)?;
+    let mut trainer = Trainer::with_method(model, data.method.cloned(), training, total_steps)?
+        .with_objective(data.objective.cloned().unwrap_or_default());
     let mut state = TrainerState::new(training.seed, total_steps);
     std::fs::create_dir_all(&output.dir).map_err(|e| Error::io(&output.dir, e))?;
     let metrics_path = output.dir.join(&output.metrics_file);

@@ -13,7 +13,9 @@ use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use crate::model::{Batch, Mode, Model};
 use crate::params::Param;
+use crate::plugin::loss::LossAdapter;
 use crate::plugin::method::MethodAdapter;
+use super::teacher::Teacher;
 use crate::recipe::TrainingConfig;
 use crate::{Error, Result};
 
@@ -57,6 +59,15 @@ fn decays(name: &str) -> bool {
 }
 
 /// Owns the optimizer and the schedule over a model's trainable parameters.
+/// The parts of the training objective beyond the model's own cross-entropy.
+#[derive(Debug, Clone, Default)]
+pub struct Objective {
+    /// A loss plugin that replaces the cross-entropy.
+    pub loss: Option<Arc<LossAdapter>>,
+    /// The teacher whose logits the loss plugin receives (knowledge distillation).
+    pub teacher: Option<Arc<Teacher>>,
+}
+
 #[derive(Debug)]
 pub struct Trainer {
     /// Every parameter trained so far, in optimizer order (a parameter a schedule froze again
@@ -68,6 +79,7 @@ pub struct Trainer {
     max_grad_norm: Option<f64>,
     seed: u64,
     method: Option<Arc<MethodAdapter>>,
+    objective: Objective,
 }
 
 impl Trainer {
@@ -129,6 +141,7 @@ impl Trainer {
             max_grad_norm: cfg.max_grad_norm,
             seed: cfg.seed,
             method,
+            objective: Objective::default(),
         })
     }
 
@@ -192,6 +205,27 @@ impl Trainer {
         Ok(true)
     }
 
+    /// Trains with `objective`'s loss plugin (and teacher) instead of the model's cross-entropy.
+    pub fn with_objective(mut self, objective: Objective) -> Self {
+        self.objective = objective;
+        self
+    }
+
+    /// The loss of a batch: the loss plugin's when there is one (with the teacher's logits),
+    /// else the model's cross-entropy.
+    fn data_loss(&self, model: &dyn Model, logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let Some(loss) = &self.objective.loss else {
+            return model.loss(logits, &batch.labels);
+        };
+        let teacher = self
+            .objective
+            .teacher
+            .as_ref()
+            .map(|t| t.logits(batch))
+            .transpose()?;
+        loss.loss(logits, &batch.labels, teacher.as_ref())
+    }
+
     /// One optimizer step over `micro_batches`: forward in training mode, loss, backward per
     /// micro-batch with gradients summed (each scaled by 1/n), clipping, and the AdamW update at
     /// the scheduled learning rate. A NaN or infinite loss stops with
@@ -218,7 +252,7 @@ impl Trainer {
         for batch in micro_batches {
             let t0 = Instant::now();
             let logits = model.forward(&batch.input_ids, &batch.attention_mask, Mode::Train)?;
-            let mut loss = model.loss(&logits, &batch.labels)?;
+            let mut loss = self.data_loss(model, &logits, batch)?;
             if let Some(term) = self
                 .method
                 .as_ref()

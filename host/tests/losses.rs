@@ -1,0 +1,238 @@
+//! Loss plugins through the host, with the `distill` plugin (built native, and wasm when the
+//! toolchain is there):
+//!
+//! - its value equals `α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α)·CE` computed here, for a
+//!   classifier and for a causal LM (shifted, with ignored positions), on both transports;
+//! - with `α = 0` it is the host's own cross-entropy, and a run trained with it repeats the loss
+//!   history of a run without a loss plugin;
+//! - a teacher identical to the student makes the soft term 0.
+
+// Tests may unwrap: a panic is how a test reports a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use whetstone_host::data::{Example, ExampleLabels};
+use whetstone_host::model::bert::{BertConfig, BertForSequenceClassification};
+use whetstone_host::model::load::Pooling;
+use whetstone_host::model::{Model, TaskKind};
+use whetstone_host::plugin::build::{self, BuildOptions};
+use whetstone_host::plugin::loss::LossAdapter;
+use whetstone_host::plugin::{Manifest, Plugin, TransportKind};
+use whetstone_host::recipe::{OutputConfig, TrainingConfig};
+use whetstone_host::train::teacher::Teacher;
+use whetstone_host::train::{fit, FitData, Objective, RunOptions};
+
+const VOCAB: usize = 40;
+
+fn manifest() -> &'static Manifest {
+    static MANIFEST: OnceLock<Manifest> = OnceLock::new();
+    MANIFEST.get_or_init(|| {
+        let wasm = build::wasm_toolchain_available();
+        if !wasm {
+            let why = build::missing_wasm_toolchain();
+            assert!(
+                std::env::var_os("WHETSTONE_REQUIRE_WASM").is_none(),
+                "{why}"
+            );
+            eprintln!("testing the native build only: {why}");
+        }
+        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/distill");
+        let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("distill-plugin");
+        let opts = BuildOptions {
+            native: true,
+            wasm,
+            out_dir: Some(out),
+            release: false,
+        };
+        build::build(&crate_dir, &opts).unwrap()
+    })
+}
+
+fn transports() -> Vec<TransportKind> {
+    let mut all = vec![TransportKind::Native];
+    if manifest().artifacts.wasm.is_some() {
+        all.push(TransportKind::Wasm);
+    }
+    all
+}
+
+fn tiny_bert() -> BertForSequenceClassification {
+    let json = json!({
+        "vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 32, "max_position_embeddings": 24,
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0
+    });
+    let config = BertConfig::from_json(&json, Path::new("config.json")).unwrap();
+    BertForSequenceClassification::random(&config, 2, Pooling::Mean, &Device::Cpu, 5).unwrap()
+}
+
+fn distill(model: &dyn Model, transport: TransportKind, config: Value) -> Arc<LossAdapter> {
+    let plugin = Plugin::load(manifest(), transport).unwrap();
+    LossAdapter::attach(model, plugin, config).unwrap()
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    f64::from(t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap())
+}
+
+/// `α·T²·KL + (1 − α)·CE` over the rows of `logits` `[n, c]` whose label is not -100.
+fn reference(logits: &Tensor, labels: &[i64], teacher: &Tensor, alpha: f64, t: f64) -> f64 {
+    let s = logits.to_vec2::<f32>().unwrap();
+    let tt = teacher.to_vec2::<f32>().unwrap();
+    let log_softmax = |row: &[f32], temp: f64| -> Vec<f64> {
+        let x: Vec<f64> = row.iter().map(|&v| f64::from(v) / temp).collect();
+        let m = x.iter().cloned().fold(f64::MIN, f64::max);
+        let z = x.iter().map(|v| (v - m).exp()).sum::<f64>().ln() + m;
+        x.iter().map(|v| v - z).collect()
+    };
+    let (mut kl, mut ce, mut kept) = (0.0, 0.0, 0.0);
+    for (i, &y) in labels.iter().enumerate() {
+        if y < 0 {
+            continue;
+        }
+        kept += 1.0;
+        ce -= log_softmax(&s[i], 1.0)[y as usize];
+        let (ls, lt) = (log_softmax(&s[i], t), log_softmax(&tt[i], t));
+        kl += lt.iter().zip(&ls).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+    }
+    alpha * t * t * kl / kept + (1.0 - alpha) * ce / kept
+}
+
+#[test]
+fn distill_matches_its_formula_for_classifiers_and_causal_lms() {
+    let model = tiny_bert();
+    let d = Device::Cpu;
+    let logits = Tensor::randn(0f32, 2.0, (6, 3), &d).unwrap();
+    let teacher = Tensor::randn(0f32, 2.0, (6, 3), &d).unwrap();
+    let labels = [0i64, 2, 1, 1, 0, 2];
+    let y = Tensor::new(&labels, &d).unwrap();
+    let classifier = TaskKind::SequenceClassification { num_labels: 3 };
+    let mut seen = Vec::new();
+    for transport in transports() {
+        for (alpha, t) in [(0.5, 2.0), (1.0, 4.0), (0.0, 1.0)] {
+            let loss = distill(&model, transport, json!({"alpha": alpha, "temperature": t}));
+            let got = scalar(&loss.loss_for(classifier, &logits, &y, Some(&teacher)).unwrap());
+            let want = reference(&logits, &labels, &teacher, alpha, t);
+            assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{transport:?} α={alpha} T={t}: {got} vs {want}");
+            seen.push(got);
+        }
+        // α = 0 is the host's cross-entropy, and needs no teacher.
+        let plain = distill(&model, transport, json!({"alpha": 0.0}));
+        let got = scalar(&plain.loss_for(classifier, &logits, &y, None).unwrap());
+        let host = scalar(&whetstone_host::ops::cross_entropy(&logits, &y).unwrap());
+        assert!((got - host).abs() < 1e-6, "{got} vs {host}");
+        let needs_teacher = distill(&model, transport, json!({"alpha": 0.5}))
+            .loss_for(classifier, &logits, &y, None)
+            .unwrap_err()
+            .to_string();
+        assert!(needs_teacher.contains("[teacher]"), "{needs_teacher}");
+
+        // A causal LM: logits [2, 4, 5] predict labels shifted by one; -100 positions do not count.
+        let lm_logits = Tensor::randn(0f32, 1.0, (2, 4, 5), &d).unwrap();
+        let lm_teacher = Tensor::randn(0f32, 1.0, (2, 4, 5), &d).unwrap();
+        let lm_labels = [[9i64, 1, -100, 4], [9, 3, 2, 0]];
+        let lm_y = Tensor::new(&lm_labels, &d).unwrap();
+        let loss = distill(&model, transport, json!({"alpha": 0.3, "temperature": 2.0}));
+        let got = scalar(&loss.loss_for(TaskKind::CausalLm, &lm_logits, &lm_y, Some(&lm_teacher)).unwrap());
+        let rows = |x: &Tensor| x.narrow(1, 0, 3).unwrap().reshape((6, 5)).unwrap();
+        let shifted: Vec<i64> = lm_labels.iter().flat_map(|r| r[1..].to_vec()).collect();
+        let want = reference(&rows(&lm_logits), &shifted, &rows(&lm_teacher), 0.3, 2.0);
+        assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{transport:?} LM: {got} vs {want}");
+        let host_lm = scalar(&whetstone_host::ops::causal_lm_loss(&lm_logits, &lm_y).unwrap());
+        let plain_lm = scalar(
+            &distill(&model, transport, json!({"alpha": 0.0}))
+                .loss_for(TaskKind::CausalLm, &lm_logits, &lm_y, None)
+                .unwrap(),
+        );
+        assert!((plain_lm - host_lm).abs() < 1e-6, "{plain_lm} vs {host_lm}");
+    }
+    if seen.len() == 6 {
+        assert_eq!(seen[..3], seen[3..], "native and wasm differ");
+    }
+}
+
+fn examples(n: usize, seed: u64) -> Vec<Example> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(3..=8);
+            let ids: Vec<u32> = (0..len).map(|_| rng.random_range(1..VOCAB as u32)).collect();
+            let high = ids.iter().filter(|&&t| t as usize >= VOCAB / 2).count();
+            Example {
+                labels: ExampleLabels::Class(i64::from(2 * high > ids.len())),
+                input_ids: ids,
+            }
+        })
+        .collect()
+}
+
+/// Trains the tiny BERT (classifier and top block) for 6 steps with `objective` and returns its
+/// loss history.
+fn losses(objective: Option<&Objective>, model: &BertForSequenceClassification) -> Vec<f64> {
+    let patterns = vec!["classifier.*".to_string(), "encoder.layer.1.*".to_string()];
+    model.params().freeze_all().unwrap();
+    model.params().set_trainable_by_patterns(&patterns).unwrap();
+    let train = examples(24, 11);
+    let validation = examples(8, 12);
+    let dir = tempfile::tempdir().unwrap();
+    let training = TrainingConfig {
+        learning_rate: 1e-2,
+        batch_size: 4,
+        epochs: 1,
+        log_every: 1,
+        seed: 9,
+        ..Default::default()
+    };
+    let summary = fit(
+        model,
+        FitData {
+            train: &train,
+            validation: &validation,
+            pad_id: 0,
+            method: None,
+            objective,
+        },
+        &training,
+        &OutputConfig {
+            save_best: false,
+            plot: false,
+            ..OutputConfig::new(dir.path())
+        },
+        &Device::Cpu,
+        &RunOptions::default(),
+    )
+    .unwrap();
+    summary.loss_history.iter().map(|p| p.loss).collect()
+}
+
+#[test]
+fn training_with_the_plugin_loss_and_a_teacher() {
+    let plain = losses(None, &tiny_bert());
+    let model = tiny_bert();
+    let objective = Objective {
+        loss: Some(distill(&model, TransportKind::Native, json!({"alpha": 0.0}))),
+        teacher: None,
+    };
+    let through_plugin = losses(Some(&objective), &model);
+    assert_eq!(plain.len(), 6);
+    for (a, b) in plain.iter().zip(&through_plugin) {
+        assert!((a - b).abs() < 1e-5, "{plain:?} vs {through_plugin:?}");
+    }
+
+    // A teacher with the student's starting weights: at the first step KL(teacher ‖ student) is
+    // 0 (dropout is off in the teacher and on in the student, so only nearly).
+    let model = tiny_bert();
+    let objective = Objective {
+        loss: Some(distill(&model, TransportKind::Native, json!({"alpha": 1.0, "temperature": 1.0}))),
+        teacher: Some(Arc::new(Teacher::new(Box::new(tiny_bert())).unwrap())),
+    };
+    let soft = losses(Some(&objective), &model);
+    eprintln!("hard {plain:?}\nsoft {soft:?}");
+    assert!(soft[0] < 0.05 * plain[0], "first soft loss {} against hard {}", soft[0], plain[0]);
+}
