@@ -29,7 +29,7 @@ use whetstone_host::plugin::method::MethodAdapter;
 use whetstone_host::plugin::{Manifest, Plugin, TransportKind};
 use whetstone_host::recipe::{OutputConfig, TrainingConfig};
 use whetstone_host::train::continual::{
-    gradient_pass, train_sequence, ContinualReport, TaskExamples,
+    gradient_pass, train_sequence, ContinualReport, PassSettings, TaskExamples,
 };
 use whetstone_host::train::RunOptions;
 use whetstone_sdk::Event;
@@ -161,7 +161,13 @@ fn the_penalty_weighs_displacements_by_the_mean_squared_gradients() {
             }
         }
 
-        let used = gradient_pass(&model, &adapter, 0, &task, 1000, 0, &Device::Cpu, 7).unwrap();
+        let settings = PassSettings {
+            count: 1000,
+            pad_id: 0,
+            device: &Device::Cpu,
+            seed: 7,
+        };
+        let used = gradient_pass(&model, &adapter, 0, &task, settings).unwrap();
         assert_eq!(used, task.len(), "{transport:?}");
         adapter.on_event(&Event::TaskEnd(0)).unwrap();
         assert!(

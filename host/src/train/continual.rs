@@ -248,28 +248,38 @@ impl ReplayBuffer {
     }
 }
 
-/// Runs forward and backward on `count` seeded-chosen examples, one at a time, in evaluation
-/// mode with the data loss only, and sends the method a `task-gradient` event after each while
-/// the gradients are published. Returns how many examples it used.
+/// How a gradient pass picks and batches its examples.
+#[derive(Debug, Clone, Copy)]
+pub struct PassSettings<'a> {
+    /// How many examples (fewer when the task has fewer).
+    pub count: usize,
+    /// Padding token id.
+    pub pad_id: u32,
+    /// The model's device.
+    pub device: &'a Device,
+    /// Seed of the choice of examples.
+    pub seed: u64,
+}
+
+/// Runs forward and backward on `settings.count` seeded-chosen examples, one at a time, in
+/// evaluation mode with the data loss only, and sends the method a `task-gradient` event after
+/// each while the gradients are published. Returns how many examples it used.
 pub fn gradient_pass(
     model: &dyn Model,
     method: &MethodAdapter,
     task: u32,
     examples: &[Example],
-    count: usize,
-    pad_id: u32,
-    device: &Device,
-    seed: u64,
+    settings: PassSettings<'_>,
 ) -> Result<usize> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(seed));
-    order.truncate(count);
+    order.shuffle(&mut StdRng::seed_from_u64(settings.seed));
+    order.truncate(settings.count);
     // Forward and backward build graphs per example; the plugin reads the gradients in between.
     let ctx = model.forward_context();
     ctx.set_gradient_pass(true);
     let result = (|| {
         for (k, &i) in order.iter().enumerate() {
-            let batch = collate(&[&examples[i]], pad_id, device)?;
+            let batch = collate(&[&examples[i]], settings.pad_id, settings.device)?;
             let logits = model.forward(&batch.input_ids, &batch.attention_mask, Mode::Eval)?;
             let loss = model.loss(&logits, &batch.labels)?;
             let grads = loss.backward()?;
@@ -378,16 +388,13 @@ pub fn train_sequence(
             };
             if wanted > 0 {
                 let started = std::time::Instant::now();
-                gradient_examples = gradient_pass(
-                    model,
-                    m,
-                    index,
-                    &task.train,
-                    wanted,
+                let settings = PassSettings {
+                    count: wanted,
                     pad_id,
                     device,
-                    seed ^ t as u64,
-                )?;
+                    seed: seed ^ t as u64,
+                };
+                gradient_examples = gradient_pass(model, m, index, &task.train, settings)?;
                 tracing::info!(
                     task = task.name.as_str(),
                     examples = gradient_examples,

@@ -99,8 +99,9 @@ pub struct RunSummary {
     pub adapter_dir: Option<PathBuf>,
     /// Held-out answer accuracy by generation (with `[data] instruction_template`).
     pub answers: Option<super::answers::AnswerMetrics>,
-    /// A continual-learning run's per-task results and accuracy matrix (the other fields
-    /// describe its last task).
+    /// A continual-learning run's per-task results and accuracy matrix. Then `steps`, the
+    /// losses, evaluations and timings describe its last task, while the example counts cover
+    /// every task.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub continual: Option<super::continual::ContinualReport>,
 }
