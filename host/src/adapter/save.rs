@@ -46,6 +46,34 @@ pub fn peft_type(plugin_id: &str) -> String {
     plugin_id.to_uppercase().replace('-', "_")
 }
 
+/// The modules of which `trained` holds every parameter, in model order: PEFT's
+/// `modules_to_save`. A module the method trains only in part (BitFit's biases) is left out: the
+/// method selects those parts again from its own configuration when the adapter is loaded, while
+/// listing it would make the whole module train and the loader look for all its tensors.
+fn whole_modules(model: &dyn Model, trained: &[std::sync::Arc<crate::params::Param>]) -> Vec<String> {
+    let trained: std::collections::HashSet<&str> = trained.iter().map(|p| p.name()).collect();
+    let mut modules: Vec<String> = Vec::new();
+    for name in &trained {
+        let Some((module, _)) = name.rsplit_once('.') else {
+            continue;
+        };
+        if modules.iter().any(|m| m == module) {
+            continue;
+        }
+        let prefix = format!("{module}.");
+        let whole = model
+            .params()
+            .iter()
+            .filter(|p| p.name().starts_with(&prefix))
+            .all(|p| trained.contains(p.name()));
+        if whole {
+            modules.push(module.to_string());
+        }
+    }
+    modules.sort();
+    modules
+}
+
 /// Writes `method`'s parameters (and the base parameters it trains, e.g. `modules_to_save`) and
 /// its configuration to `dir` as PEFT does. `base_model` goes to `base_model_name_or_path`.
 pub fn save(model: &dyn Model, method: &MethodAdapter, base_model: &str, dir: &Path) -> Result<()> {
@@ -74,13 +102,10 @@ pub fn save(model: &dyn Model, method: &MethodAdapter, base_model: &str, dir: &P
     set_default("base_model_name_or_path", Value::from(base_model));
     set_default("inference_mode", Value::Bool(true));
     if !method.base_params().is_empty() && !config.contains_key("modules_to_save") {
-        let mut modules: Vec<String> = method
-            .base_params()
-            .iter()
-            .filter_map(|p| p.name().rsplit_once('.').map(|(m, _)| m.to_string()))
-            .collect();
-        modules.dedup();
-        config.insert("modules_to_save".into(), Value::from(modules));
+        let modules = whole_modules(model, &method.base_params());
+        if !modules.is_empty() {
+            config.insert("modules_to_save".into(), Value::from(modules));
+        }
     }
     let text = serde_json::to_string_pretty(&Value::Object(config))
         .map_err(|e| Error::config(format!("cannot write the adapter config: {e}")))?;
