@@ -46,7 +46,7 @@ pub fn peft_type(plugin_id: &str) -> String {
     plugin_id.to_uppercase().replace('-', "_")
 }
 
-/// The modules of which `trained` holds every parameter, in model order: PEFT's
+/// The modules of which `trained` holds every parameter, sorted: PEFT's
 /// `modules_to_save`. A module the method trains only in part (BitFit's biases) is left out: the
 /// method selects those parts again from its own configuration when the adapter is loaded, while
 /// listing it would make the whole module train and the loader look for all its tensors.

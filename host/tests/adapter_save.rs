@@ -1,0 +1,83 @@
+//! What `adapter::save` writes for a method that trains base parameters, with BitFit (built
+//! natively) on a tiny random BERT classifier: `modules_to_save` lists only the modules trained
+//! whole (the classification head), not the modules whose bias alone trains, and the adapter
+//! reloads onto a fresh model with the same outputs.
+
+// Tests may unwrap: a panic is how a test reports a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+use whetstone_host::adapter;
+use whetstone_host::model::bert::{BertConfig, BertForSequenceClassification};
+use whetstone_host::model::load::Pooling;
+use whetstone_host::model::{Mode, Model};
+use whetstone_host::plugin::build::{self, BuildOptions};
+use whetstone_host::plugin::method::MethodAdapter;
+use whetstone_host::plugin::{Manifest, Plugin, TransportKind};
+
+fn bitfit() -> Manifest {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/bitfit");
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bitfit-plugin");
+    let opts = BuildOptions {
+        native: true,
+        wasm: false,
+        out_dir: Some(out),
+        release: false,
+    };
+    build::build(&crate_dir, &opts).unwrap()
+}
+
+fn tiny_bert() -> BertForSequenceClassification {
+    let json = json!({
+        "vocab_size": 30, "hidden_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 32, "max_position_embeddings": 16,
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0
+    });
+    let config = BertConfig::from_json(&json, Path::new("config.json")).unwrap();
+    let model =
+        BertForSequenceClassification::random(&config, 2, Pooling::Mean, &Device::Cpu, 5).unwrap();
+    model.params().freeze_all().unwrap();
+    model
+}
+
+fn logits(model: &dyn Model) -> Tensor {
+    let ids = Tensor::new(&[[3u32, 7, 11, 2], [5, 9, 0, 0]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 0, 0]], &Device::Cpu).unwrap();
+    model.forward(&ids, &mask, Mode::Eval).unwrap()
+}
+
+#[test]
+fn bitfit_adapters_list_only_whole_modules_and_reload() {
+    let manifest = bitfit();
+    let model = tiny_bert();
+    let plugin = Plugin::load(&manifest, TransportKind::Native).unwrap();
+    let method = MethodAdapter::attach(&model, plugin, "default", json!({}), 1).unwrap();
+    let trained = method.base_params();
+    assert!(trained.iter().any(|p| p.name().ends_with("query.bias")));
+    // Move every trained tensor so that a reload that missed one would show.
+    for p in &trained {
+        let var = p.var().unwrap();
+        var.set(&(var.as_tensor() + 0.25).unwrap()).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    adapter::save(&model, &method, "tiny-bert", dir.path()).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap();
+    let config: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(config["modules_to_save"], json!(["classifier"]), "{text}");
+
+    let fresh = tiny_bert();
+    let plugin = Plugin::load(&manifest, TransportKind::Native).unwrap();
+    let _reloaded = adapter::load_with_plugin(&fresh, dir.path(), "default", plugin).unwrap();
+    let diff = (logits(&model) - logits(&fresh))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-6, "reloaded logits differ by {diff}");
+}
