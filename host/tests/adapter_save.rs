@@ -70,7 +70,7 @@ fn bitfit_adapters_list_only_whole_modules_and_reload() {
 
     let fresh = tiny_bert();
     let plugin = Plugin::load(&manifest, TransportKind::Native).unwrap();
-    let _reloaded = adapter::load_with_plugin(&fresh, dir.path(), "default", plugin).unwrap();
+    let _reloaded = adapter::load::load_with_plugin(&fresh, dir.path(), "default", plugin).unwrap();
     let diff = (logits(&model) - logits(&fresh))
         .unwrap()
         .abs()
