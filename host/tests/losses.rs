@@ -99,7 +99,11 @@ fn reference(logits: &Tensor, labels: &[i64], teacher: &Tensor, alpha: f64, t: f
         kept += 1.0;
         ce -= log_softmax(&s[i], 1.0)[y as usize];
         let (ls, lt) = (log_softmax(&s[i], t), log_softmax(&tt[i], t));
-        kl += lt.iter().zip(&ls).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+        kl += lt
+            .iter()
+            .zip(&ls)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>();
     }
     alpha * t * t * kl / kept + (1.0 - alpha) * ce / kept
 }
@@ -117,9 +121,16 @@ fn distill_matches_its_formula_for_classifiers_and_causal_lms() {
     for transport in transports() {
         for (alpha, t) in [(0.5, 2.0), (1.0, 4.0), (0.0, 1.0)] {
             let loss = distill(&model, transport, json!({"alpha": alpha, "temperature": t}));
-            let got = scalar(&loss.loss_for(classifier, &logits, &y, Some(&teacher)).unwrap());
+            let got = scalar(
+                &loss
+                    .loss_for(classifier, &logits, &y, Some(&teacher))
+                    .unwrap(),
+            );
             let want = reference(&logits, &labels, &teacher, alpha, t);
-            assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{transport:?} α={alpha} T={t}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 1e-5 * want.abs().max(1.0),
+                "{transport:?} α={alpha} T={t}: {got} vs {want}"
+            );
             seen.push(got);
         }
         // α = 0 is the host's cross-entropy, and needs no teacher.
@@ -139,11 +150,18 @@ fn distill_matches_its_formula_for_classifiers_and_causal_lms() {
         let lm_labels = [[9i64, 1, -100, 4], [9, 3, 2, 0]];
         let lm_y = Tensor::new(&lm_labels, &d).unwrap();
         let loss = distill(&model, transport, json!({"alpha": 0.3, "temperature": 2.0}));
-        let got = scalar(&loss.loss_for(TaskKind::CausalLm, &lm_logits, &lm_y, Some(&lm_teacher)).unwrap());
+        let got = scalar(
+            &loss
+                .loss_for(TaskKind::CausalLm, &lm_logits, &lm_y, Some(&lm_teacher))
+                .unwrap(),
+        );
         let rows = |x: &Tensor| x.narrow(1, 0, 3).unwrap().reshape((6, 5)).unwrap();
         let shifted: Vec<i64> = lm_labels.iter().flat_map(|r| r[1..].to_vec()).collect();
         let want = reference(&rows(&lm_logits), &shifted, &rows(&lm_teacher), 0.3, 2.0);
-        assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{transport:?} LM: {got} vs {want}");
+        assert!(
+            (got - want).abs() < 1e-5 * want.abs().max(1.0),
+            "{transport:?} LM: {got} vs {want}"
+        );
         let host_lm = scalar(&whetstone_host::ops::causal_lm_loss(&lm_logits, &lm_y).unwrap());
         let plain_lm = scalar(
             &distill(&model, transport, json!({"alpha": 0.0}))
@@ -162,7 +180,9 @@ fn examples(n: usize, seed: u64) -> Vec<Example> {
     (0..n)
         .map(|_| {
             let len = rng.random_range(3..=8);
-            let ids: Vec<u32> = (0..len).map(|_| rng.random_range(1..VOCAB as u32)).collect();
+            let ids: Vec<u32> = (0..len)
+                .map(|_| rng.random_range(1..VOCAB as u32))
+                .collect();
             let high = ids.iter().filter(|&&t| t as usize >= VOCAB / 2).count();
             Example {
                 labels: ExampleLabels::Class(i64::from(2 * high > ids.len())),
@@ -216,7 +236,11 @@ fn training_with_the_plugin_loss_and_a_teacher() {
     let plain = losses(None, &tiny_bert());
     let model = tiny_bert();
     let objective = Objective {
-        loss: Some(distill(&model, TransportKind::Native, json!({"alpha": 0.0}))),
+        loss: Some(distill(
+            &model,
+            TransportKind::Native,
+            json!({"alpha": 0.0}),
+        )),
         teacher: None,
     };
     let through_plugin = losses(Some(&objective), &model);
@@ -229,10 +253,19 @@ fn training_with_the_plugin_loss_and_a_teacher() {
     // 0 (dropout is off in the teacher and on in the student, so only nearly).
     let model = tiny_bert();
     let objective = Objective {
-        loss: Some(distill(&model, TransportKind::Native, json!({"alpha": 1.0, "temperature": 1.0}))),
+        loss: Some(distill(
+            &model,
+            TransportKind::Native,
+            json!({"alpha": 1.0, "temperature": 1.0}),
+        )),
         teacher: Some(Arc::new(Teacher::new(Box::new(tiny_bert())).unwrap())),
     };
     let soft = losses(Some(&objective), &model);
     eprintln!("hard {plain:?}\nsoft {soft:?}");
-    assert!(soft[0] < 0.05 * plain[0], "first soft loss {} against hard {}", soft[0], plain[0]);
+    assert!(
+        soft[0] < 0.05 * plain[0],
+        "first soft loss {} against hard {}",
+        soft[0],
+        plain[0]
+    );
 }

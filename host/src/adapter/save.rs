@@ -50,7 +50,10 @@ pub fn peft_type(plugin_id: &str) -> String {
 /// `modules_to_save`. A module the method trains only in part (BitFit's biases) is left out: the
 /// method selects those parts again from its own configuration when the adapter is loaded, while
 /// listing it would make the whole module train and the loader look for all its tensors.
-fn whole_modules(model: &dyn Model, trained: &[std::sync::Arc<crate::params::Param>]) -> Vec<String> {
+fn whole_modules(
+    model: &dyn Model,
+    trained: &[std::sync::Arc<crate::params::Param>],
+) -> Vec<String> {
     let trained: std::collections::HashSet<&str> = trained.iter().map(|p| p.name()).collect();
     let mut modules: Vec<String> = Vec::new();
     for name in &trained {

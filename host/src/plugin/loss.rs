@@ -41,6 +41,7 @@ impl std::fmt::Debug for LossAdapter {
 }
 
 /// Logits, labels and teacher logits aligned for a loss (see the module docs).
+#[derive(Debug)]
 pub struct Aligned {
     /// The student's logits.
     pub logits: Tensor,
@@ -143,7 +144,12 @@ impl LossAdapter {
 
     /// The loss of a batch: `logits` and `labels` as the model produces and the data gives
     /// them, `teacher` the teacher's logits for the same batch.
-    pub fn loss(&self, logits: &Tensor, labels: &Tensor, teacher: Option<&Tensor>) -> Result<Tensor> {
+    pub fn loss(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        teacher: Option<&Tensor>,
+    ) -> Result<Tensor> {
         self.loss_for(self.task, logits, labels, teacher)
     }
 
@@ -192,8 +198,14 @@ mod tests {
         let labels = Tensor::new(&[[5i64, 1, 2], [5, -100, 3]], &d).unwrap();
         let a = align(TaskKind::CausalLm, &logits, &labels, Some(&logits)).unwrap();
         assert_eq!(a.logits.dims(), &[2, 2, 4]);
-        assert_eq!(a.labels.to_vec2::<u32>().unwrap(), vec![vec![1, 2], vec![0, 3]]);
-        assert_eq!(a.mask.to_vec2::<f32>().unwrap(), vec![vec![1.0, 1.0], vec![0.0, 1.0]]);
+        assert_eq!(
+            a.labels.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 2], vec![0, 3]]
+        );
+        assert_eq!(
+            a.mask.to_vec2::<f32>().unwrap(),
+            vec![vec![1.0, 1.0], vec![0.0, 1.0]]
+        );
         assert_eq!(a.teacher.unwrap().dims(), &[2, 2, 4]);
         let wrong = Tensor::zeros((2, 3, 5), DType::F32, &d).unwrap();
         let err = align(TaskKind::CausalLm, &logits, &labels, Some(&wrong));

@@ -16,7 +16,7 @@ use crate::plugin::method::MethodAdapter;
 use crate::{Error, Result};
 
 /// The `[teacher]` section of a recipe.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherSpec {
     /// The teacher model, with `[model]`'s fields (`path`, `task`, `num_labels`, ...).
@@ -131,7 +131,9 @@ fn same_tokenizer(
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| Error::config(format!("tokenizing a probe text: {e}")))
     };
-    if teacher.get_vocab_size(true) != student.get_vocab_size(true) || ids(teacher)? != ids(student)? {
+    if teacher.get_vocab_size(true) != student.get_vocab_size(true)
+        || ids(teacher)? != ids(student)?
+    {
         return Err(Error::config(format!(
             "the teacher {} does not share the student's tokenizer (vocabulary {} against {}); \
              distillation feeds both the same token ids",

@@ -11,11 +11,11 @@ use super::checkpoint::{self, Checkpoint, TrainerState};
 use super::clip::{clip_grad_norm, global_norm};
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
+use super::teacher::Teacher;
 use crate::model::{Batch, Mode, Model};
 use crate::params::Param;
 use crate::plugin::loss::LossAdapter;
 use crate::plugin::method::MethodAdapter;
-use super::teacher::Teacher;
 use crate::recipe::TrainingConfig;
 use crate::{Error, Result};
 
@@ -58,7 +58,6 @@ fn decays(name: &str) -> bool {
     !(name.ends_with(".bias") || name.to_ascii_lowercase().contains("norm"))
 }
 
-/// Owns the optimizer and the schedule over a model's trainable parameters.
 /// The parts of the training objective beyond the model's own cross-entropy.
 #[derive(Debug, Clone, Default)]
 pub struct Objective {
@@ -68,6 +67,7 @@ pub struct Objective {
     pub teacher: Option<Arc<Teacher>>,
 }
 
+/// Owns the optimizer and the schedule over a model's trainable parameters.
 #[derive(Debug)]
 pub struct Trainer {
     /// Every parameter trained so far, in optimizer order (a parameter a schedule froze again

@@ -60,7 +60,10 @@ impl Distill {
         let inv_t = 1.0 / self.cfg.temperature;
         let student = logits.scale(inv_t)?.log_softmax(-1)?;
         let target = teacher.detach()?.scale(inv_t)?.log_softmax(-1)?;
-        let per_position = target.exp()?.mul(target.sub(&student)?)?.sum(&[-1], false)?;
+        let per_position = target
+            .exp()?
+            .mul(target.sub(&student)?)?
+            .sum(&[-1], false)?;
         total(&per_position.mul(mask)?)?.scale(1.0 / kept)
     }
 }
@@ -122,7 +125,9 @@ impl Loss for Distill {
             )
         })?;
         let t = self.cfg.temperature;
-        let soft = self.soft(logits, teacher, mask, kept)?.scale(alpha * t * t)?;
+        let soft = self
+            .soft(logits, teacher, mask, kept)?
+            .scale(alpha * t * t)?;
         if alpha == 1.0 {
             return Ok(soft);
         }
@@ -138,7 +143,11 @@ mod tests {
 
     #[test]
     fn out_of_range_settings_are_refused() {
-        for json in [r#"{"temperature": 0}"#, r#"{"alpha": 1.5}"#, r#"{"alpha": -0.1}"#] {
+        for json in [
+            r#"{"temperature": 0}"#,
+            r#"{"alpha": 1.5}"#,
+            r#"{"alpha": -0.1}"#,
+        ] {
             let cfg: DistillConfig = serde_json::from_str(json).unwrap();
             assert!(Distill::new(cfg).is_err(), "{json}");
         }

@@ -227,7 +227,8 @@ mod tests {
         assert_eq!(op_from_wit(types::Op::LogSoftmax), Ok(Op::LogSoftmax));
         assert_eq!(op_from_wit(types::Op::WhereCond), Ok(Op::WhereCond));
         assert_eq!(op_from_wit(types::Op::Dropout), Ok(Op::Dropout));
-        assert_eq!(Op::ALL.len(), types::Op::Dropout as usize + 1);
+        assert_eq!(op_from_wit(types::Op::Gather), Ok(Op::Gather));
+        assert_eq!(Op::ALL.len(), types::Op::Gather as usize + 1);
     }
 
     #[test]
