@@ -6,42 +6,16 @@
 // Tests may unwrap: a panic is how a test reports a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use whetstone_host::adapter;
-use whetstone_host::model::bert::{BertConfig, BertForSequenceClassification};
-use whetstone_host::model::load::Pooling;
 use whetstone_host::model::{Mode, Model};
-use whetstone_host::plugin::build::{self, BuildOptions};
 use whetstone_host::plugin::method::MethodAdapter;
-use whetstone_host::plugin::{Manifest, Plugin, TransportKind};
+use whetstone_host::plugin::{Plugin, TransportKind};
 
-fn bitfit() -> Manifest {
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/bitfit");
-    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bitfit-plugin");
-    let opts = BuildOptions {
-        native: true,
-        wasm: false,
-        out_dir: Some(out),
-        release: false,
-    };
-    build::build(&crate_dir, &opts).unwrap()
-}
+mod common;
 
-fn tiny_bert() -> BertForSequenceClassification {
-    let json = json!({
-        "vocab_size": 30, "hidden_size": 16, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 32, "max_position_embeddings": 16,
-        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0
-    });
-    let config = BertConfig::from_json(&json, Path::new("config.json")).unwrap();
-    let model =
-        BertForSequenceClassification::random(&config, 2, Pooling::Mean, &Device::Cpu, 5).unwrap();
-    model.params().freeze_all().unwrap();
-    model
-}
+use common::tiny_bert;
 
 fn logits(model: &dyn Model) -> Tensor {
     let ids = Tensor::new(&[[3u32, 7, 11, 2], [5, 9, 0, 0]], &Device::Cpu).unwrap();
@@ -51,7 +25,7 @@ fn logits(model: &dyn Model) -> Tensor {
 
 #[test]
 fn bitfit_adapters_list_only_whole_modules_and_reload() {
-    let manifest = bitfit();
+    let manifest = common::build_plugin("bitfit", false);
     let model = tiny_bert();
     let plugin = Plugin::load(&manifest, TransportKind::Native).unwrap();
     let method = MethodAdapter::attach(&model, plugin, "default", json!({}), 1).unwrap();

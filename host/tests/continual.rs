@@ -13,18 +13,13 @@
 // Tests may unwrap: a panic is how a test reports a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{Device, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use whetstone_host::data::{collate, Example, ExampleLabels};
-use whetstone_host::model::bert::{BertConfig, BertForSequenceClassification};
-use whetstone_host::model::load::Pooling;
+use whetstone_host::data::collate;
+use whetstone_host::model::bert::BertForSequenceClassification;
 use whetstone_host::model::{Mode, Model};
-use whetstone_host::plugin::build::{self, BuildOptions};
 use whetstone_host::plugin::method::MethodAdapter;
 use whetstone_host::plugin::{Manifest, Plugin, TransportKind};
 use whetstone_host::recipe::{OutputConfig, TrainingConfig};
@@ -34,52 +29,18 @@ use whetstone_host::train::continual::{
 use whetstone_host::train::RunOptions;
 use whetstone_sdk::Event;
 
-const VOCAB: usize = 40;
+mod common;
+
+use common::{examples, mostly_high, tiny_bert};
 
 /// The EWC plugin's builds (wasm too when the toolchain is there), once per test binary.
 fn manifest() -> &'static Manifest {
     static MANIFEST: OnceLock<Manifest> = OnceLock::new();
-    MANIFEST.get_or_init(|| {
-        let wasm = build::wasm_toolchain_available();
-        if !wasm {
-            let why = build::missing_wasm_toolchain();
-            assert!(
-                std::env::var_os("WHETSTONE_REQUIRE_WASM").is_none(),
-                "{why}"
-            );
-            eprintln!("testing the native build only: {why}");
-        }
-        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/ewc");
-        let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ewc-plugin");
-        let opts = BuildOptions {
-            native: true,
-            wasm,
-            out_dir: Some(out),
-            release: false,
-        };
-        build::build(&crate_dir, &opts).unwrap()
-    })
+    MANIFEST.get_or_init(|| common::build_plugin("ewc", true))
 }
 
 fn transports() -> Vec<TransportKind> {
-    let mut all = vec![TransportKind::Native];
-    if manifest().artifacts.wasm.is_some() {
-        all.push(TransportKind::Wasm);
-    }
-    all
-}
-
-fn tiny_bert() -> BertForSequenceClassification {
-    let json = json!({
-        "vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 32, "max_position_embeddings": 24,
-        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0
-    });
-    let config = BertConfig::from_json(&json, Path::new("config.json")).unwrap();
-    let model =
-        BertForSequenceClassification::random(&config, 2, Pooling::Mean, &Device::Cpu, 5).unwrap();
-    model.params().freeze_all().unwrap();
-    model
+    common::transports(manifest())
 }
 
 fn attach(
@@ -89,28 +50,6 @@ fn attach(
 ) -> Arc<MethodAdapter> {
     let plugin = Plugin::load(manifest(), transport).unwrap();
     MethodAdapter::attach(model, plugin, "default", config, 1).unwrap()
-}
-
-/// Sentences of 3 to 8 tokens labelled by `rule`.
-fn examples(n: usize, seed: u64, rule: fn(&[u32]) -> bool) -> Vec<Example> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let len = rng.random_range(3..=8);
-            let ids: Vec<u32> = (0..len)
-                .map(|_| rng.random_range(1..VOCAB as u32))
-                .collect();
-            Example {
-                labels: ExampleLabels::Class(i64::from(rule(&ids))),
-                input_ids: ids,
-            }
-        })
-        .collect()
-}
-
-/// Task A: most tokens come from the upper half of the vocabulary.
-fn mostly_high(ids: &[u32]) -> bool {
-    2 * ids.iter().filter(|&&t| t as usize >= VOCAB / 2).count() > ids.len()
 }
 
 /// Task B: most tokens are even — unrelated to task A, so learning it disturbs A.

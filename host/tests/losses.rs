@@ -10,66 +10,30 @@
 // Tests may unwrap: a panic is how a test reports a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use whetstone_host::data::{Example, ExampleLabels};
-use whetstone_host::model::bert::{BertConfig, BertForSequenceClassification};
-use whetstone_host::model::load::Pooling;
+use whetstone_host::model::bert::BertForSequenceClassification;
 use whetstone_host::model::{Model, TaskKind};
-use whetstone_host::plugin::build::{self, BuildOptions};
 use whetstone_host::plugin::loss::LossAdapter;
 use whetstone_host::plugin::{Manifest, Plugin, TransportKind};
 use whetstone_host::recipe::{OutputConfig, TrainingConfig};
 use whetstone_host::train::teacher::Teacher;
 use whetstone_host::train::{fit, FitData, Objective, RunOptions};
 
-const VOCAB: usize = 40;
+mod common;
 
+use common::{examples, mostly_high, tiny_bert};
+
+/// The distill plugin's builds (wasm too when the toolchain is there), once per test binary.
 fn manifest() -> &'static Manifest {
     static MANIFEST: OnceLock<Manifest> = OnceLock::new();
-    MANIFEST.get_or_init(|| {
-        let wasm = build::wasm_toolchain_available();
-        if !wasm {
-            let why = build::missing_wasm_toolchain();
-            assert!(
-                std::env::var_os("WHETSTONE_REQUIRE_WASM").is_none(),
-                "{why}"
-            );
-            eprintln!("testing the native build only: {why}");
-        }
-        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/distill");
-        let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("distill-plugin");
-        let opts = BuildOptions {
-            native: true,
-            wasm,
-            out_dir: Some(out),
-            release: false,
-        };
-        build::build(&crate_dir, &opts).unwrap()
-    })
+    MANIFEST.get_or_init(|| common::build_plugin("distill", true))
 }
 
 fn transports() -> Vec<TransportKind> {
-    let mut all = vec![TransportKind::Native];
-    if manifest().artifacts.wasm.is_some() {
-        all.push(TransportKind::Wasm);
-    }
-    all
-}
-
-fn tiny_bert() -> BertForSequenceClassification {
-    let json = json!({
-        "vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 32, "max_position_embeddings": 24,
-        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0
-    });
-    let config = BertConfig::from_json(&json, Path::new("config.json")).unwrap();
-    BertForSequenceClassification::random(&config, 2, Pooling::Mean, &Device::Cpu, 5).unwrap()
+    common::transports(manifest())
 }
 
 fn distill(model: &dyn Model, transport: TransportKind, config: Value) -> Arc<LossAdapter> {
@@ -175,31 +139,14 @@ fn distill_matches_its_formula_for_classifiers_and_causal_lms() {
     }
 }
 
-fn examples(n: usize, seed: u64) -> Vec<Example> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let len = rng.random_range(3..=8);
-            let ids: Vec<u32> = (0..len)
-                .map(|_| rng.random_range(1..VOCAB as u32))
-                .collect();
-            let high = ids.iter().filter(|&&t| t as usize >= VOCAB / 2).count();
-            Example {
-                labels: ExampleLabels::Class(i64::from(2 * high > ids.len())),
-                input_ids: ids,
-            }
-        })
-        .collect()
-}
-
 /// Trains the tiny BERT (classifier and top block) for 6 steps with `objective` and returns its
 /// loss history.
 fn losses(objective: Option<&Objective>, model: &BertForSequenceClassification) -> Vec<f64> {
     let patterns = vec!["classifier.*".to_string(), "encoder.layer.1.*".to_string()];
     model.params().freeze_all().unwrap();
     model.params().set_trainable_by_patterns(&patterns).unwrap();
-    let train = examples(24, 11);
-    let validation = examples(8, 12);
+    let train = examples(24, 11, mostly_high);
+    let validation = examples(8, 12, mostly_high);
     let dir = tempfile::tempdir().unwrap();
     let training = TrainingConfig {
         learning_rate: 1e-2,

@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
 use whetstone_sdk::Event;
 
 use super::eval::{evaluate, EvalMetrics};
-use super::run::{check_label_count, fit, load_run, write_recipe_copy, FitData, LoadedRun};
+use super::run::{check_label_count, fit, load_run, save_adapter, write_recipe_copy};
+use super::run::{FitData, LoadedRun};
 use super::run::{RunOptions, RunSummary};
 use super::trainer::Objective;
 use crate::data::{collate, DataConfig, Example};
@@ -500,12 +501,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     summary.output_dir = recipe.output.dir.clone();
     summary.train_examples = tasks.iter().map(|t| t.train.len()).sum();
     summary.validation_examples = tasks.iter().map(|t| t.validation.len()).sum();
-    if let Some(m) = &method {
-        let adapter_dir = recipe.output.dir.join("adapter");
-        crate::adapter::save(model, m, &recipe.model.path, &adapter_dir)?;
-        tracing::info!("PEFT adapter: {}", adapter_dir.display());
-        summary.adapter_dir = Some(adapter_dir);
-    }
+    summary.adapter_dir = save_adapter(recipe, model, method.as_ref())?;
     summary.continual = Some(report);
     Ok(summary)
 }

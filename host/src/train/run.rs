@@ -319,6 +319,22 @@ pub(crate) fn check_label_count(label_count: Option<usize>, model: &dyn Model) -
     Ok(())
 }
 
+/// Writes the plugin method's PEFT adapter to `<output.dir>/adapter/` and returns that folder
+/// (`None` without a plugin method).
+pub(crate) fn save_adapter(
+    recipe: &Recipe,
+    model: &dyn Model,
+    method: Option<&Arc<MethodAdapter>>,
+) -> Result<Option<PathBuf>> {
+    let Some(m) = method else {
+        return Ok(None);
+    };
+    let adapter_dir = recipe.output.dir.join("adapter");
+    crate::adapter::save(model, m, &recipe.model.path, &adapter_dir)?;
+    tracing::info!("PEFT adapter: {}", adapter_dir.display());
+    Ok(Some(adapter_dir))
+}
+
 /// Creates the output directory and copies the recipe into it as `recipe.toml`.
 pub(crate) fn write_recipe_copy(recipe: &Recipe) -> Result<()> {
     let dir = &recipe.output.dir;
@@ -365,12 +381,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         opts,
     )?;
     summary.skipped_records = data.skipped;
-    if let Some(m) = &method {
-        let adapter_dir = dir.join("adapter");
-        crate::adapter::save(model, m, &recipe.model.path, &adapter_dir)?;
-        tracing::info!("PEFT adapter: {}", adapter_dir.display());
-        summary.adapter_dir = Some(adapter_dir);
-    }
+    summary.adapter_dir = save_adapter(recipe, model, method.as_ref())?;
     if !data.answers.is_empty() {
         let limit = recipe.data.max_answer_examples;
         tracing::info!(
