@@ -278,6 +278,11 @@ impl Tensor {
         self.reduce(Op::Sum, dims, keepdim)
     }
 
+    /// The sum of all values, as a scalar tensor.
+    pub fn sum_all(&self) -> Result<Tensor> {
+        self.reshape(&[-1])?.sum(&[0], false)
+    }
+
     /// Mean over `dims`.
     pub fn mean(&self, dims: &[i64], keepdim: bool) -> Result<Tensor> {
         self.reduce(Op::Mean, dims, keepdim)

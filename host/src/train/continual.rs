@@ -346,15 +346,21 @@ pub fn train_sequence(
             )));
         }
         let index = t as u32;
-        let mut train = task.train.clone();
         let replay_count = if replay_ratio > 0.0 {
-            (replay_ratio / (1.0 - replay_ratio) * train.len() as f64).round() as usize
+            (replay_ratio / (1.0 - replay_ratio) * task.train.len() as f64).round() as usize
         } else {
             0
         };
         let replayed = buffer.draw(replay_count, seed ^ (0x5EED_0000 + t as u64));
         let replayed_examples = replayed.len();
-        train.extend(replayed);
+        // The task's own examples are copied only when replayed ones join them.
+        let mixed: Vec<Example>;
+        let train: &[Example] = if replayed.is_empty() {
+            &task.train
+        } else {
+            mixed = [task.train.as_slice(), &replayed].concat();
+            &mixed
+        };
         tracing::info!(
             task = task.name.as_str(),
             train = task.train.len(),
@@ -372,7 +378,7 @@ pub fn train_sequence(
             ..output.clone()
         };
         let fit_data = FitData {
-            train: &train,
+            train,
             validation: &task.validation,
             pad_id,
             method,

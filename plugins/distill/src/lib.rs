@@ -42,29 +42,24 @@ pub struct Distill {
     cfg: DistillConfig,
 }
 
-/// The sum of all values of `t` as a scalar tensor.
-fn total(t: &Tensor) -> Result<Tensor> {
-    t.reshape(&[-1])?.sum(&[0], false)
-}
-
 impl Distill {
     /// The mean over kept positions of the cross-entropy of `logits` against `labels`.
     fn hard(&self, logits: &Tensor, labels: &Tensor, mask: &Tensor, kept: f64) -> Result<Tensor> {
         let log_probs = logits.log_softmax(-1)?;
         let picked = log_probs.gather(labels.unsqueeze(-1)?, -1)?.squeeze(-1)?;
-        total(&picked.mul(mask)?)?.scale(-1.0 / kept)
+        picked.mul(mask)?.sum_all()?.scale(-1.0 / kept)
     }
 
     /// The mean over kept positions of `KL(softmax(t/T) ‖ softmax(s/T))`.
     fn soft(&self, logits: &Tensor, teacher: &Tensor, mask: &Tensor, kept: f64) -> Result<Tensor> {
         let inv_t = 1.0 / self.cfg.temperature;
         let student = logits.scale(inv_t)?.log_softmax(-1)?;
-        let target = teacher.detach()?.scale(inv_t)?.log_softmax(-1)?;
+        let target = teacher.scale(inv_t)?.log_softmax(-1)?;
         let per_position = target
             .exp()?
             .mul(target.sub(&student)?)?
             .sum(&[-1], false)?;
-        total(&per_position.mul(mask)?)?.scale(1.0 / kept)
+        per_position.mul(mask)?.sum_all()?.scale(1.0 / kept)
     }
 }
 
@@ -112,7 +107,7 @@ impl Loss for Distill {
         mask: &Tensor,
         teacher: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let kept = f64::from(total(mask)?.to_scalar()?).max(1.0);
+        let kept = f64::from(mask.sum_all()?.to_scalar()?).max(1.0);
         let alpha = self.cfg.alpha;
         let hard = self.hard(logits, labels, mask, kept)?;
         if alpha == 0.0 {

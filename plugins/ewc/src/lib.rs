@@ -66,11 +66,6 @@ fn snapshot(t: &Tensor) -> Result<Tensor> {
     t.detach()?.scale(1.0)
 }
 
-/// The sum of all values of `t` as a scalar tensor.
-fn total(t: &Tensor) -> Result<Tensor> {
-    t.reshape(&[-1])?.sum(&[0], false)
-}
-
 impl Ewc {
     /// Adds the squared gradients of the example just differentiated.
     fn accumulate(&mut self) -> Result<()> {
@@ -116,7 +111,7 @@ impl Ewc {
             if let Some(old) = previous.remove(&name) {
                 fisher = old.scale(self.cfg.gamma)?.add(&fisher)?;
             }
-            mass += f64::from(total(&fisher)?.to_scalar()?);
+            mass += f64::from(fisher.sum_all()?.to_scalar()?);
             let optimum = snapshot(&whet_host::base_param(&name)?)?;
             self.anchors.push(Anchor {
                 name,
@@ -183,7 +178,10 @@ impl PeftMethod for Ewc {
         let mut penalty: Option<Tensor> = None;
         for anchor in &self.anchors {
             let theta = whet_host::base_param(&anchor.name)?;
-            let term = total(&anchor.fisher.mul(&theta.sub(&anchor.optimum)?.sqr()?)?)?;
+            let term = anchor
+                .fisher
+                .mul(&theta.sub(&anchor.optimum)?.sqr()?)?
+                .sum_all()?;
             penalty = Some(match penalty {
                 Some(sum) => sum.add(&term)?,
                 None => term,
