@@ -13,7 +13,8 @@
 //! - [`recipe`]: the TOML recipe that describes a fine-tuning run;
 //! - [`assets`]: fetching and verifying the real models and datasets;
 //! - [`plugin`]: PEFT methods, losses and data loaders as native or WebAssembly plugins;
-//! - [`bench`](mod@bench): measured figures (step time, tokens/s, peak RSS).
+//! - [`bench`](mod@bench): measured figures (step time, tokens/s, peak RSS);
+//! - [`session`]: an open session for programs that embed the host (the C ABI builds on it).
 
 pub mod adapter;
 pub mod assets;
@@ -26,6 +27,7 @@ pub mod ops;
 pub mod params;
 pub mod plugin;
 pub mod recipe;
+pub mod session;
 pub mod train;
 
 pub use error::{Error, Result};

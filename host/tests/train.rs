@@ -501,6 +501,51 @@ fn same_seed_gives_identical_losses_and_another_seed_differs() {
 }
 
 #[test]
+fn training_in_chunks_of_steps_equals_one_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let training = TrainingConfig {
+        epochs: 3,
+        gradient_accumulation_steps: 2,
+        eval_every: Some(4),
+        ..cfg()
+    };
+    let (full, full_model) = fit_tiny(&dir.path().join("full"), &training, &RunOptions::default());
+    let full = full.unwrap();
+    assert_eq!(
+        (full.steps, full.total_steps, full.finished),
+        (15, 15, true)
+    );
+
+    // Chunks of 5 steps end exactly at the epoch boundaries (5 steps per epoch); the resumed
+    // chunk does the epoch-end evaluation the uninterrupted run did there.
+    let out = dir.path().join("chunks");
+    let mut chunk_ends = Vec::new();
+    let mut resume = false;
+    let last = loop {
+        let (chunk, model) = fit_tiny(
+            &out,
+            &training,
+            &RunOptions {
+                resume,
+                max_session_steps: Some(5),
+                ..Default::default()
+            },
+        );
+        let chunk = chunk.unwrap();
+        chunk_ends.push((chunk.steps, chunk.finished));
+        resume = true;
+        if chunk.finished {
+            break (chunk, model);
+        }
+    };
+    assert_eq!(chunk_ends, [(5, false), (10, false), (15, true)]);
+    assert_eq!(losses(&last.0), losses(&full));
+    assert_eq!(last.1.values(), full_model.values());
+    assert_eq!(last.0.best_step, full.best_step);
+    assert_eq!(last.0.final_eval, full.final_eval);
+}
+
+#[test]
 fn resume_continues_exactly_like_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let training = TrainingConfig {

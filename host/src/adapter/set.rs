@@ -194,6 +194,28 @@ impl AdapterSet {
         Ok(())
     }
 
+    /// Unloads adapter `name` (when it is the active one, the base model computes afterwards).
+    pub fn remove(&mut self, model: &dyn Model, name: &str) -> Result<()> {
+        self.entry(name)?;
+        if self.active.as_deref() == Some(name) {
+            self.deactivate(model)?;
+        }
+        self.entries.retain(|e| e.name != name);
+        Ok(())
+    }
+
+    /// Records the current values of `params` as their base values: for parameters that
+    /// something outside the set changed (a method trained next to the set), so that switching
+    /// adapters restores those values rather than older ones.
+    pub fn rebase(&mut self, params: &[Arc<Param>]) -> Result<()> {
+        for p in params {
+            if let Some(entry) = self.originals.get_mut(p.name()) {
+                entry.1 = p.tensor().detach().copy()?;
+            }
+        }
+        Ok(())
+    }
+
     fn restore_originals(&self) -> Result<()> {
         for (param, value) in self.originals.values() {
             param.set_trainable(false)?;

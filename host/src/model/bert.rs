@@ -377,6 +377,16 @@ impl BertForSequenceClassification {
     }
 }
 
+impl super::SentenceEncoder for BertForSequenceClassification {
+    fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        BertForSequenceClassification::embed(self, input_ids, attention_mask)
+    }
+
+    fn embedding_dim(&self) -> usize {
+        self.config().hidden_size
+    }
+}
+
 impl Model for BertForSequenceClassification {
     fn reseed(&self, seed: u64) {
         let mut rng = match self.rng.lock() {
@@ -388,6 +398,10 @@ impl Model for BertForSequenceClassification {
 
     fn architecture(&self) -> &str {
         "BertForSequenceClassification"
+    }
+
+    fn as_encoder(&self) -> Option<&dyn super::SentenceEncoder> {
+        Some(self)
     }
 
     fn task(&self) -> TaskKind {

@@ -53,6 +53,16 @@ pub enum Mode {
     Eval,
 }
 
+/// An encoder that turns token sequences into one vector each (sentence embeddings).
+pub trait SentenceEncoder {
+    /// The pooled embedding `[batch, hidden]` of `input_ids` with `attention_mask` (`[batch,
+    /// seq]`, u32, 1 = real token), computed in evaluation mode (no dropout) and not normalised.
+    fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
+
+    /// The embedding's width.
+    fn embedding_dim(&self) -> usize;
+}
+
 /// A model the trainer can fine-tune.
 pub trait Model: Send + Sync {
     /// Architecture name as in `config.json` (`LlamaForCausalLM`, `BertForSequenceClassification`).
@@ -98,6 +108,11 @@ pub trait Model: Send + Sync {
 
     /// The incremental (KV-cached) decoding interface, for models that generate text.
     fn as_causal_lm(&self) -> Option<&dyn generate::CausalLm> {
+        None
+    }
+
+    /// The sentence-embedding interface, for encoder models.
+    fn as_encoder(&self) -> Option<&dyn SentenceEncoder> {
         None
     }
 

@@ -43,6 +43,10 @@ pub struct RunOptions {
     /// Plugin manifests to search (from `--plugin PATH`) before the recipe's and the plugin
     /// directory.
     pub plugins: Vec<PathBuf>,
+    /// Stop after this many optimizer steps of this call, saving `last/` so that a call with
+    /// `resume` continues exactly there (the summary then has `finished: false`). `None` trains
+    /// to the end.
+    pub max_session_steps: Option<usize>,
 }
 
 impl fmt::Debug for RunOptions {
@@ -53,6 +57,7 @@ impl fmt::Debug for RunOptions {
             .field("progress", &self.progress)
             .field("on_step", &self.on_step.as_ref().map(|_| "<callback>"))
             .field("plugins", &self.plugins)
+            .field("max_session_steps", &self.max_session_steps)
             .finish()
     }
 }
@@ -62,6 +67,10 @@ impl fmt::Debug for RunOptions {
 pub struct RunSummary {
     /// Optimizer steps taken (over all resumed sessions).
     pub steps: usize,
+    /// Steps the whole run takes.
+    pub total_steps: usize,
+    /// Whether the run reached its last step (false when `max_session_steps` paused it).
+    pub finished: bool,
     /// Mean loss of the last step.
     pub final_train_loss: Option<f64>,
     /// Evaluation at the end of the run (none without a validation set).
@@ -268,7 +277,7 @@ pub(crate) fn load_run(recipe: &Recipe, opts: &RunOptions) -> Result<LoadedRun> 
 }
 
 /// Loads the recipe's `[loss]` plugin and `[teacher]`, if any.
-fn load_objective(
+pub(crate) fn load_objective(
     recipe: &Recipe,
     loaded: &crate::model::load::LoadedModel,
     device: &Device,
@@ -431,6 +440,42 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// What the run reports now; `finished` says whether it reached its last step.
+    fn into_summary(self, initial_eval: Option<EvalMetrics>, finished: bool) -> RunSummary {
+        RunSummary {
+            steps: self.state.step,
+            total_steps: self.state.total_steps,
+            finished,
+            final_train_loss: self.state.loss_history.last().map(|p| p.loss),
+            final_eval: self.state.last_eval.map(|(_, m)| m),
+            best_eval: self.state.best_eval,
+            best_step: self.state.best_step,
+            trainable_params: self.trainer.num_trainable(),
+            total_params: self.model.params().num_params(),
+            tokens_per_s: if self.session_train_s > 0.0 {
+                self.session_tokens as f64 / self.session_train_s
+            } else {
+                0.0
+            },
+            seconds_per_step: if self.session_steps > 0 {
+                self.session_train_s / self.session_steps as f64
+            } else {
+                0.0
+            },
+            peak_rss_mb: crate::bench::peak_rss_mb(),
+            initial_eval,
+            elapsed_s: self.elapsed_before + self.started.elapsed().as_secs_f64(),
+            skipped_records: 0,
+            train_examples: self.data.train.len(),
+            validation_examples: self.data.validation.len(),
+            loss_history: self.state.loss_history,
+            output_dir: self.output.dir.clone(),
+            adapter_dir: None,
+            answers: None,
+            continual: None,
+        }
+    }
+
     fn last_dir(&self) -> PathBuf {
         self.output.dir.join("last")
     }
@@ -688,6 +733,22 @@ pub fn fit(
             if output.save_every.is_some_and(|n| stats.step % n == 0) {
                 s.save_last()?;
             }
+            let paused = opts
+                .max_session_steps
+                .is_some_and(|n| s.session_steps >= n && s.state.step < total_steps);
+            if paused {
+                // At an epoch's end the resumed run does the epoch-end work (event, evaluation),
+                // as an uninterrupted one would.
+                s.save_last()?;
+                s.progress.finish();
+                tracing::info!(
+                    step = s.state.step,
+                    "paused after {} steps; saved {}",
+                    s.session_steps,
+                    s.last_dir().display()
+                );
+                return Ok(s.into_summary(initial_eval, false));
+            }
         }
         if s.state.batch_in_epoch >= epoch_batches.len() {
             s.state.epoch += 1;
@@ -712,34 +773,5 @@ pub fn fit(
             Err(e) => tracing::warn!("no loss plot: {e}"),
         }
     }
-    Ok(RunSummary {
-        steps: s.state.step,
-        final_train_loss: s.state.loss_history.last().map(|p| p.loss),
-        final_eval: s.state.last_eval.map(|(_, m)| m),
-        best_eval: s.state.best_eval,
-        best_step: s.state.best_step,
-        trainable_params: s.trainer.num_trainable(),
-        total_params: model.params().num_params(),
-        tokens_per_s: if s.session_train_s > 0.0 {
-            s.session_tokens as f64 / s.session_train_s
-        } else {
-            0.0
-        },
-        seconds_per_step: if s.session_steps > 0 {
-            s.session_train_s / s.session_steps as f64
-        } else {
-            0.0
-        },
-        peak_rss_mb: crate::bench::peak_rss_mb(),
-        initial_eval,
-        elapsed_s: s.elapsed_before + s.started.elapsed().as_secs_f64(),
-        skipped_records: 0,
-        train_examples: data.train.len(),
-        validation_examples: data.validation.len(),
-        loss_history: s.state.loss_history,
-        output_dir: output.dir.clone(),
-        adapter_dir: None,
-        answers: None,
-        continual: None,
-    })
+    Ok(s.into_summary(initial_eval, true))
 }
