@@ -177,6 +177,17 @@ fn invalid_recipes_and_missing_plugins_are_config_errors_that_say_why() {
     );
     assert!(text.contains("no-such-method"), "{text}");
 
+    // A wrong plugin path in the recipe.
+    let wrong_path = CString::new(format!("plugins = [\"/no/such/plugin.toml\"]\n{good}")).unwrap();
+    let (status, text) = failure(|e| unsafe {
+        whet_session_create(WHETSTONE_ABI_VERSION, wrong_path.as_ptr(), &mut session, e)
+    });
+    assert!(
+        matches!(status, WhetStatus::Config | WhetStatus::Io),
+        "{status:?}"
+    );
+    assert!(text.contains("/no/such/plugin.toml"), "{text}");
+
     let (status, text) = failure(|e| unsafe {
         whet_session_create_from_parts(
             WHETSTONE_ABI_VERSION,
