@@ -375,12 +375,14 @@ pub extern "C" fn whet_session_free(session: WhetSession) -> WhetStatus {
     if session == 0 {
         return WhetStatus::Ok;
     }
-    match SESSIONS.remove(session) {
-        Some(entry) => {
-            entry.cancel.store(true, Ordering::SeqCst);
-            WhetStatus::Ok
-        }
-        None => WhetStatus::InvalidHandle,
+    let Some(entry) = SESSIONS.remove(session) else {
+        return WhetStatus::InvalidHandle;
+    };
+    entry.cancel.store(true, Ordering::SeqCst);
+    // Dropping the model and plugins runs no caller code; a panic there still stops here.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(entry))) {
+        Ok(()) => WhetStatus::Ok,
+        Err(_) => WhetStatus::Panic,
     }
 }
 
