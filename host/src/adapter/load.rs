@@ -95,12 +95,17 @@ pub fn weights_path(dir: &Path) -> Result<PathBuf> {
 }
 
 /// The parameter key a file key stands for: `base_model.model.` removed, and PEFT's in-memory
-/// segments (`.default.` adapter name, `.modules_to_save.`) dropped. `None` without the prefix.
+/// segments (`.default.` adapter name, `.modules_to_save.`, LN tuning's `.ln_tuning_layers.`)
+/// dropped. `None` without the prefix.
 pub fn normalize_key(key: &str) -> Option<String> {
     let rest = key.strip_prefix(PEFT_KEY_PREFIX)?;
     let parts: Vec<&str> = rest
         .split('.')
-        .filter(|p| *p != DEFAULT_ADAPTER_NAME && *p != "modules_to_save")
+        .filter(|p| {
+            *p != DEFAULT_ADAPTER_NAME
+                && *p != "modules_to_save"
+                && *p != super::save::LN_TUNING_SEGMENT
+        })
         .collect();
     Some(parts.join("."))
 }
@@ -291,6 +296,10 @@ mod tests {
         assert_eq!(
             k("base_model.model.classifier.modules_to_save.default.weight").as_deref(),
             Some("classifier.weight")
+        );
+        assert_eq!(
+            k("base_model.model.model.layers.0.input_layernorm.ln_tuning_layers.weight").as_deref(),
+            Some("model.layers.0.input_layernorm.weight")
         );
         assert_eq!(
             k("base_model.model.classifier.modules_to_save.bias").as_deref(),

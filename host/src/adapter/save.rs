@@ -21,15 +21,49 @@ pub fn peft_key(model: &dyn Model, name: &str) -> String {
     format!("{PEFT_KEY_PREFIX}{}", model.checkpoint_name(name))
 }
 
+/// The segment under which PEFT's LN tuning saves its trained copy of a norm module
+/// (`...input_layernorm.ln_tuning_layers.weight`).
+pub const LN_TUNING_SEGMENT: &str = "ln_tuning_layers";
+
+/// Whether base parameter `name` sits in one of the modules the method's configuration lists
+/// in `modules_to_save` (PEFT matches a module by its name or a dotted suffix of it).
+fn in_modules_to_save(method: &MethodAdapter, name: &str) -> bool {
+    let Some((module, _)) = name.rsplit_once('.') else {
+        return false;
+    };
+    method
+        .config
+        .get("modules_to_save")
+        .and_then(Value::as_array)
+        .is_some_and(|list| {
+            list.iter()
+                .filter_map(Value::as_str)
+                .any(|m| module == m || module.ends_with(&format!(".{m}")))
+        })
+}
+
+/// Whether base parameter `name` is a norm parameter trained by LN tuning (saved, as PEFT does,
+/// under [`LN_TUNING_SEGMENT`] rather than as a `modules_to_save` module).
+fn is_ln_tuned(method: &MethodAdapter, name: &str) -> bool {
+    method.plugin.id() == "ln-tuning"
+        && method.base_params().iter().any(|p| p.name() == name)
+        && !in_modules_to_save(method, name)
+}
+
 /// The key parameter `name` of `method` has in an adapter file: its bare name for a
-/// model-level parameter of the method (prompt tuning's `prompt_embeddings`), else its
-/// [`peft_key`].
+/// model-level parameter of the method (prompt tuning's `prompt_embeddings`), the
+/// `ln_tuning_layers` key for a norm LN tuning trains, else its [`peft_key`].
 pub fn file_key(model: &dyn Model, method: &MethodAdapter, name: &str) -> String {
     if method.is_model_level(name) {
-        name.to_string()
-    } else {
-        peft_key(model, name)
+        return name.to_string();
     }
+    let key = peft_key(model, name);
+    if is_ln_tuned(method, name) {
+        if let Some((module, leaf)) = key.rsplit_once('.') {
+            return format!("{module}.{LN_TUNING_SEGMENT}.{leaf}");
+        }
+    }
+    key
 }
 
 /// PEFT's `task_type` for the model's task.
@@ -104,8 +138,14 @@ pub fn save(model: &dyn Model, method: &MethodAdapter, base_model: &str, dir: &P
     set_default("task_type", Value::from(task_type(model)));
     set_default("base_model_name_or_path", Value::from(base_model));
     set_default("inference_mode", Value::Bool(true));
-    if !method.base_params().is_empty() && !config.contains_key("modules_to_save") {
-        let modules = whole_modules(model, &method.base_params());
+    // LN tuning's norms are saved under `ln_tuning_layers`, not as modules to save.
+    let saved_whole: Vec<_> = method
+        .base_params()
+        .into_iter()
+        .filter(|p| !is_ln_tuned(method, p.name()))
+        .collect();
+    if !saved_whole.is_empty() && !config.contains_key("modules_to_save") {
+        let modules = whole_modules(model, &saved_whole);
         if !modules.is_empty() {
             config.insert("modules_to_save".into(), Value::from(modules));
         }

@@ -17,14 +17,12 @@
 //! PEFT has no default for BERT; Whetstone uses `LayerNorm` there (see
 //! [`default_targets`]).
 //!
-//! **Deviation from PEFT in the saved adapter.** PEFT's `LNTuningLayer` keeps a trainable
-//! deep copy of each targeted module and saves it under `ln_tuning_layers`
+//! **The saved adapter.** PEFT's `LNTuningLayer` keeps a trainable deep copy of each targeted
+//! module and saves it under `ln_tuning_layers`
 //! (`base_model.model.model.layers.0.input_layernorm.ln_tuning_layers.weight`). Whetstone trains
-//! the norm parameters in place, and the host writes trained base parameters as PEFT writes
-//! `modules_to_save`, under their own names
-//! (`base_model.model.model.layers.0.input_layernorm.weight`). The `peft_type` is PEFT's
-//! (`LN_TUNING`), but moving an adapter between Whetstone and Python PEFT needs the
-//! `ln_tuning_layers` segment added or removed in the keys.
+//! the norm parameters in place, and the host writes and reads them under those same keys, so
+//! adapters move both ways between Whetstone and Python PEFT; a head listed in
+//! `modules_to_save` is saved as PEFT saves modules to save.
 
 mod config;
 mod defaults;
