@@ -264,6 +264,13 @@ fn tiny_config(tied: bool, bias: bool) -> LlamaConfig {
 fn cached_decoding_equals_the_full_forward() {
     for (tied, bias) in [(true, false), (false, true)] {
         let model = Llama::random(&tiny_config(tied, bias), &Device::Cpu, 3).unwrap();
+        // q/k/v biases make it Qwen2, as its written config.json says.
+        let expected = if bias {
+            "Qwen2ForCausalLM"
+        } else {
+            "LlamaForCausalLM"
+        };
+        assert_eq!(model.architecture(), expected);
         let prompt = vec![3u32, 17, 5, 42, 8];
         let mut cache = model.new_cache();
         let mut cached = prompt.clone();

@@ -595,7 +595,12 @@ impl Llama {
 
 impl Model for Llama {
     fn architecture(&self) -> &str {
-        "LlamaForCausalLM"
+        // As `LlamaConfig::to_hf_json` writes it: q/k/v biases are Qwen2's.
+        if self.config.attention_bias {
+            "Qwen2ForCausalLM"
+        } else {
+            "LlamaForCausalLM"
+        }
     }
 
     fn task(&self) -> TaskKind {
