@@ -7,6 +7,7 @@ mod adapter_arg;
 mod assets;
 mod bench;
 mod bench_methods;
+mod data;
 mod demo;
 mod generate;
 mod inspect;
@@ -62,6 +63,9 @@ enum Command {
     /// Create, build, list and check plugins (PEFT methods, losses, data loaders).
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+    /// Look at a recipe's data as the trainer sees it (tokenized, masked).
+    #[command(subcommand)]
+    Data(data::DataCommand),
 }
 
 /// Logs go to stderr; the level comes from `RUST_LOG`, else from `-v`.
@@ -92,6 +96,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Assets(command) => assets::run(command),
         Command::Demo(args) => demo::run(args),
         Command::Plugin(command) => plugin::run(command),
+        Command::Data(command) => data::run(command),
     }
 }
 

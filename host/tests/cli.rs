@@ -38,6 +38,7 @@ fn help_lists_every_command() {
     let text = stdout(&out);
     for command in [
         "train", "eval", "generate", "merge", "inspect", "bench", "assets", "demo", "plugin",
+        "data",
     ] {
         assert!(
             text.contains(command),
@@ -199,4 +200,69 @@ fn assets_list_and_path() {
     let out = whet(&["assets", "path", "nonexistent-model"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("unknown asset"), "{}", stderr(&out));
+}
+
+#[test]
+fn data_preview_shows_the_trained_tokens_of_a_chat_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sft.jsonl");
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Name a colour.\"}, \
+         {\"role\": \"assistant\", \"content\": \"Blue.\"}]}\n\
+         {\"prompt\": \"Say hi.\", \"completion\": \"Hi!\"}\n",
+    )
+    .unwrap();
+    let recipe = dir.path().join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = \"asset:smollm2-135m-instruct\"\n[data]\ntrain = [\"{}\"]\n\
+             [output]\ndir = \"{}\"\n",
+            data.display(),
+            dir.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    let out = whet(&[
+        "data",
+        "preview",
+        recipe.to_str().unwrap(),
+        "-n",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["examples"], 2);
+    let shown = &v["shown"][0];
+    let trained: String = shown["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s[1] == true)
+        .map(|s| s[0].as_str().unwrap())
+        .collect();
+    // Only the assistant's answer (and its end of turn) is trained, never the prompt.
+    assert!(trained.starts_with("Blue."), "{trained:?}");
+    assert!(!trained.contains("Name a colour"), "{trained:?}");
+    let all: String = shown["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[0].as_str().unwrap())
+        .collect();
+    assert!(
+        all.contains("Name a colour.") && all.contains("<|im_start|>assistant"),
+        "{all}"
+    );
+    assert_eq!(
+        shown["trained_tokens"],
+        shown["token_list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["trained"] == true)
+            .count()
+    );
 }
