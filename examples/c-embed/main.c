@@ -1,5 +1,5 @@
 /*
- * Fine-tunes all-MiniLM-L6-v2 with the LoRA plugin on a few hundred IMDb review sentences
+ * Fine-tunes all-MiniLM-L6-v2 with the LoRA plugin on a few hundred Amazon review sentences
  * (UCI Sentiment Labelled Sentences) through Whetstone's C ABI: progress from a callback,
  * evaluation, the PEFT adapter saved and loaded back, sentence embeddings, a second run
  * cancelled from its callback and continued, and misuse answered with errors.
@@ -24,7 +24,7 @@ static const char *RECIPE =
     "path = \"asset:all-minilm-l6-v2\"\n"
     "task = \"classification\"\n"
     "[data]\n"
-    "train = [\"asset:uci-sentiment/imdb.json\"]\n"
+    "train = [\"asset:uci-sentiment/amazon.json\"]\n"
     "text_field = \"text\"\n"
     "label_field = \"class\"\n"
     "skip_bad_records = true\n"

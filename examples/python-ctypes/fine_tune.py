@@ -102,7 +102,7 @@ def check(lib, what, call):
 def recipe(out, quick):
     return json.dumps({
         "model": {"path": "asset:all-minilm-l6-v2", "task": "classification"},
-        "data": {"train": ["asset:uci-sentiment/imdb.json"], "text_field": "text",
+        "data": {"train": ["asset:uci-sentiment/amazon.json"], "text_field": "text",
                  "label_field": "class", "skip_bad_records": True,
                  "max_records": 64 if quick else 400, "validation_ratio": 0.2,
                  "max_seq_len": 64},

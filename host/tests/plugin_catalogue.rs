@@ -242,11 +242,18 @@ fn bitfit_passes_conformance() {
     assert_trains_base_params(&query_only, 2);
 }
 
-/// LN tuning with PEFT's Llama default: both RMSNorms of both blocks and the final norm.
+/// LN tuning. The fixture has q/k/v biases, so it is a Qwen2 and PEFT's Qwen2 default applies:
+/// the `post_attention_layernorm` of both blocks. Llama's default set (both RMSNorms of both
+/// blocks and the final norm), named explicitly, trains 5.
 #[test]
 fn ln_tuning_passes_conformance() {
     let report = check_plugin("ln-tuning", json!({}));
-    assert_trains_base_params(&report, 5);
+    assert_trains_base_params(&report, 2);
+    let llama_set = check_plugin(
+        "ln-tuning",
+        json!({"target_modules": ["input_layernorm", "post_attention_layernorm", "norm"]}),
+    );
+    assert_trains_base_params(&llama_set, 5);
 }
 
 /// Layer-wise, gradual unfreezing at step 0: the top block (12 tensors with the q/k/v biases),

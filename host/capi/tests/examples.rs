@@ -1,5 +1,5 @@
 //! The embedding examples run end to end: `examples/c-embed` (built with make and the system C
-//! compiler) and `examples/python-ctypes`, each fine-tuning MiniLM with LoRA on 400 IMDb
+//! compiler) and `examples/python-ctypes`, each fine-tuning MiniLM with LoRA on 400 Amazon
 //! sentences through libwhetstone.so and asserting on accuracy, the saved adapter, embeddings,
 //! cancellation and misuse. Needs the assets and the LoRA plugin, as CI installs them.
 
@@ -7,6 +7,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
+
+/// The examples run one at a time: each trains with every core, and two at once would only
+/// slow each other down.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The directory holding libwhetstone.so: the profile directory of this test binary
 /// (`target/debug/deps/examples-*` → `target/debug`).
@@ -39,6 +44,7 @@ fn run(cmd: &mut Command) -> String {
 
 #[test]
 fn the_c_example_fine_tunes_saves_embeds_and_cancels() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let lib = library_dir();
     let build = tempfile::tempdir().unwrap();
     let binary = build.path().join("fine_tune");
@@ -58,6 +64,7 @@ fn the_c_example_fine_tunes_saves_embeds_and_cancels() {
 
 #[test]
 fn the_python_ctypes_example_fine_tunes_saves_embeds_and_cancels() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let lib = library_dir().join("libwhetstone.so");
     let out = tempfile::tempdir().unwrap();
     let stdout = run(Command::new("python3")
