@@ -24,6 +24,17 @@ fn logits(model: &dyn Model) -> Tensor {
     model.forward(&ids, &mask, Mode::Eval).unwrap()
 }
 
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn bitfit_adapters_list_only_whole_modules_and_reload() {
     let manifest = common::build_plugin("bitfit", false);
@@ -46,14 +57,7 @@ fn bitfit_adapters_list_only_whole_modules_and_reload() {
     let fresh = tiny_bert();
     let plugin = Plugin::load(&manifest, TransportKind::Native).unwrap();
     let _reloaded = adapter::load::load_with_plugin(&fresh, dir.path(), "default", plugin).unwrap();
-    let diff = (logits(&model) - logits(&fresh))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_diff(&logits(&model), &logits(&fresh));
     assert!(diff < 1e-6, "reloaded logits differ by {diff}");
 }
 
@@ -91,13 +95,6 @@ fn ln_tuning_adapters_use_peft_ln_tuning_layers_keys_and_reload() {
     let fresh = tiny_bert();
     let plugin = Plugin::load(&manifest, TransportKind::Native).unwrap();
     let _reloaded = adapter::load::load_with_plugin(&fresh, dir.path(), "default", plugin).unwrap();
-    let diff = (logits(&model) - logits(&fresh))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_diff(&logits(&model), &logits(&fresh));
     assert!(diff < 1e-6, "reloaded logits differ by {diff}");
 }

@@ -55,6 +55,17 @@ pub(crate) fn with_session<R>(
     f(&mut session, &entry)
 }
 
+/// Runs a session method that returns nothing: success is `WHET_STATUS_OK`.
+fn on_session(
+    handle: WhetSession,
+    f: impl FnOnce(&mut Session) -> whetstone_host::Result<()>,
+) -> Result<WhetStatus, ApiError> {
+    with_session(handle, |s, _| {
+        f(s)?;
+        Ok(WhetStatus::Ok)
+    })
+}
+
 fn check_abi(abi_version: u32) -> Result<(), ApiError> {
     if abi_version == WHETSTONE_ABI_VERSION {
         return Ok(());
@@ -178,10 +189,7 @@ pub unsafe extern "C" fn whet_session_configure(
     unsafe {
         guard(err, || {
             let config = text(config, "config")?;
-            with_session(session, |s, _| {
-                s.configure(config)?;
-                Ok(WhetStatus::Ok)
-            })
+            on_session(session, |s| s.configure(config))
         })
     }
 }
@@ -204,10 +212,7 @@ pub unsafe extern "C" fn whet_session_attach_method(
             let method = text(method, "method")?;
             let config = optional_text(method_config, "method_config")?;
             let spec = method_spec(method, config)?;
-            with_session(session, |s, _| {
-                s.attach_method(spec)?;
-                Ok(WhetStatus::Ok)
-            })
+            on_session(session, |s| s.attach_method(spec))
         })
     }
 }
@@ -223,14 +228,7 @@ pub unsafe extern "C" fn whet_session_detach_method(
     err: *mut WhetError,
 ) -> WhetStatus {
     // SAFETY: `err` follows this function's contract.
-    unsafe {
-        guard(err, || {
-            with_session(session, |s, _| {
-                s.detach_method()?;
-                Ok(WhetStatus::Ok)
-            })
-        })
-    }
+    unsafe { guard(err, || on_session(session, |s| s.detach_method())) }
 }
 
 /// Loads the PEFT adapter in directory `dir` (`adapter_config.json` +
@@ -252,10 +250,7 @@ pub unsafe extern "C" fn whet_session_load_adapter(
         guard(err, || {
             let dir = text(dir, "dir")?;
             let name = text(name, "name")?;
-            with_session(session, |s, _| {
-                s.load_adapter(Path::new(dir), name)?;
-                Ok(WhetStatus::Ok)
-            })
+            on_session(session, |s| s.load_adapter(Path::new(dir), name))
         })
     }
 }
@@ -275,10 +270,7 @@ pub unsafe extern "C" fn whet_session_set_adapter(
     unsafe {
         guard(err, || {
             let name = optional_text(name, "name")?;
-            with_session(session, |s, _| {
-                s.set_adapter(name)?;
-                Ok(WhetStatus::Ok)
-            })
+            on_session(session, |s| s.set_adapter(name))
         })
     }
 }
@@ -297,10 +289,7 @@ pub unsafe extern "C" fn whet_session_remove_adapter(
     unsafe {
         guard(err, || {
             let name = text(name, "name")?;
-            with_session(session, |s, _| {
-                s.remove_adapter(name)?;
-                Ok(WhetStatus::Ok)
-            })
+            on_session(session, |s| s.remove_adapter(name))
         })
     }
 }
@@ -320,10 +309,7 @@ pub unsafe extern "C" fn whet_session_save_adapter(
     unsafe {
         guard(err, || {
             let dir = text(dir, "dir")?;
-            with_session(session, |s, _| {
-                s.save_adapter(Path::new(dir))?;
-                Ok(WhetStatus::Ok)
-            })
+            on_session(session, |s| s.save_adapter(Path::new(dir)))
         })
     }
 }
@@ -344,10 +330,7 @@ pub unsafe extern "C" fn whet_session_merge(
     unsafe {
         guard(err, || {
             let dir = text(dir, "dir")?;
-            with_session(session, |s, _| {
-                s.write_merged(Path::new(dir))?;
-                Ok(WhetStatus::Ok)
-            })
+            on_session(session, |s| s.write_merged(Path::new(dir)).map(|_| ()))
         })
     }
 }
