@@ -337,11 +337,24 @@ pub struct NativePlugin {
     id: String,
     ctx: &'static NativeCtx,
     vtable: &'static WsPluginVtable,
+    /// The library and the host table handed to it live as long as the process (a plugin is
+    /// never unloaded); kept here so that they stay reachable (a leak checker sees them held).
+    _library: &'static libloading::Library,
+    _host: HostTable,
     /// Serialises calls: the plugin's result buffers are valid until its next call.
     call: Mutex<()>,
     /// Held across a session switch and the calls that use it.
     exclusive: Mutex<()>,
 }
+
+/// The host table handed to a plugin's entry point, held for the life of the process.
+struct HostTable(#[allow(dead_code)] &'static WsHostApi);
+
+// SAFETY: the table is never written after its creation; its only pointer, `ctx`, is the
+// plugin's `NativeCtx`, which is shared between threads behind its own mutex.
+unsafe impl Send for HostTable {}
+// SAFETY: as above: read-only after creation.
+unsafe impl Sync for HostTable {}
 
 impl std::fmt::Debug for NativePlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -434,6 +447,8 @@ impl NativePlugin {
             id: id.to_string(),
             ctx,
             vtable,
+            _library: library,
+            _host: HostTable(host),
             call: Mutex::new(()),
             exclusive: Mutex::new(()),
         });
