@@ -15,6 +15,9 @@ pub const BEGIN_MARKER: &str = "<!-- whet bench methods: begin -->";
 /// The line before which `--write` ends the table (without `--table`).
 pub const END_MARKER: &str = "<!-- whet bench methods: end -->";
 
+/// Where the runs write their checkpoints unless `--output` says otherwise.
+const DEFAULT_OUTPUT: &str = "runs/bench-methods";
+
 /// The marker lines of table `name` (`None`: the default markers).
 fn markers(name: Option<&str>) -> (String, String) {
     match name {
@@ -45,8 +48,15 @@ pub struct MethodsArgs {
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Where the runs write their checkpoints (one folder per recipe).
-    #[arg(long, value_name = "DIR", default_value = "runs/bench-methods")]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_OUTPUT)]
     output: PathBuf,
+    /// Where every run's result (`<recipe>.summary.json`: the recipe as trained and its summary)
+    /// is kept; default: `--output`. The README's rows are committed under
+    /// `examples/*/results/`, so `--results examples/sentiment/results --resume` rebuilds the
+    /// table from them without training, and retrains only the rows whose file is missing or
+    /// whose recipe changed.
+    #[arg(long, value_name = "DIR")]
+    results: Option<PathBuf>,
     /// Cap every run at this many optimizer steps (for a quick look; the README table uses the
     /// recipes as they are).
     #[arg(long)]
@@ -55,9 +65,16 @@ pub struct MethodsArgs {
     #[arg(long)]
     plugin: Vec<PathBuf>,
     /// Reuse the summary of a recipe that an earlier (interrupted) run of this command already
-    /// trained into the same `--output`, when the recipe is unchanged; train only the others.
+    /// saved in the same `--results` folder, when the recipe is unchanged; train only the others.
     #[arg(long)]
     resume: bool,
+}
+
+impl MethodsArgs {
+    /// The folder that keeps the runs' summaries.
+    fn results_dir(&self) -> &Path {
+        self.results.as_deref().unwrap_or(&self.output)
+    }
 }
 
 /// One finished run.
@@ -79,8 +96,9 @@ pub fn run(args: MethodsArgs) -> Result<()> {
         replace_between_markers(&text, "", &begin, &end)
             .with_context(|| format!("checking {}", path.display()))?;
     }
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("creating {}", args.output.display()))?;
+    for dir in [&args.output, args.results_dir()] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let mut rows = Vec::new();
     for recipe in &args.recipes {
         eprintln!("=== {}", recipe.display());
@@ -144,7 +162,7 @@ fn train_one(exe: &Path, recipe: &Path, args: &MethodsArgs) -> Result<Row> {
     }
     let patched = args.output.join(format!("{stem}.toml"));
     let patched_text = toml::to_string(&doc)?;
-    let saved = args.output.join(format!("{stem}.summary.json"));
+    let saved = args.results_dir().join(format!("{stem}.summary.json"));
     if args.resume {
         if let Some(summary) = saved_summary(&saved, &patched_text) {
             eprintln!("reusing the summary in {}", saved.display());
@@ -256,6 +274,13 @@ fn markdown(rows: &[Row], args: &MethodsArgs) -> String {
     }
     if let Some(name) = &args.table {
         command += &format!(" --table {name}");
+    }
+    if args.output != Path::new(DEFAULT_OUTPUT) {
+        // The output folder is part of each run's recipe, so a rerun must name it too.
+        command += &format!(" --output {}", args.output.display());
+    }
+    if let Some(dir) = &args.results {
+        command += &format!(" --results {}", dir.display());
     }
     lines.push(String::new());
     lines.push(format!(
