@@ -46,6 +46,10 @@ pub struct TrainArgs {
     /// Seed of the random batches and of any new head.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Causal LMs: compute the loss from the full `[batch, seq, vocab]` logits instead of the
+    /// default chunked loss (`training.chunked_lm_loss = false`), to compare the two.
+    #[arg(long)]
+    full_logits: bool,
 }
 
 /// Runs a `bench` subcommand and prints its JSON report on stdout.
@@ -73,6 +77,7 @@ fn train(args: TrainArgs) -> Result<()> {
     // A constant learning rate keeps every timed step doing the same work.
     let cfg = TrainingConfig {
         lr_scheduler: whetstone_host::train::schedule::SchedulerKind::Constant,
+        chunked_lm_loss: !args.full_logits,
         ..TrainingConfig::default()
     };
     let mut trainer = Trainer::new(model, &cfg, total_steps).context("setting up the optimizer")?;
@@ -86,6 +91,11 @@ fn train(args: TrainArgs) -> Result<()> {
         vocab_size: loaded.tokenizer.get_vocab_size(true),
         task: model.task(),
         seed: args.seed,
+        loss: match (model.task(), args.full_logits) {
+            (whetstone_host::model::TaskKind::CausalLm, false) => "chunked",
+            _ => "full logits",
+        }
+        .into(),
     };
     let counts = (params.num_trainable(), params.num_params());
     let report = bench_train(&bench, &device, counts, &mut |batch| {

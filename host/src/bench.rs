@@ -123,6 +123,8 @@ pub struct TrainBench {
     pub task: TaskKind,
     /// Seed of the random batches.
     pub seed: u64,
+    /// How the loss is computed (`"chunked"` or `"full logits"`), copied into the report.
+    pub loss: String,
 }
 
 /// The figures `whet bench train` prints as JSON.
@@ -130,6 +132,8 @@ pub struct TrainBench {
 pub struct TrainBenchReport {
     /// The model label.
     pub model: String,
+    /// How the loss was computed (`"chunked"` or `"full logits"`).
+    pub loss: String,
     /// Examples per step.
     pub batch: usize,
     /// Tokens per example.
@@ -207,6 +211,7 @@ pub fn bench_train(
     };
     Ok(TrainBenchReport {
         model: cfg.model.clone(),
+        loss: cfg.loss.clone(),
         batch: cfg.batch,
         seq: cfg.seq,
         steps: cfg.steps,
@@ -286,6 +291,7 @@ mod tests {
             vocab_size: 10,
             task: TaskKind::CausalLm,
             seed: 0,
+            loss: "chunked".into(),
         };
         let mut calls = 0;
         let report = bench_train(&cfg, &Device::Cpu, (1, 2), &mut |b| {

@@ -268,6 +268,13 @@ pub struct TrainingConfig {
     /// untrained head). Default false.
     #[serde(default)]
     pub eval_at_start: bool,
+    /// Causal LMs: compute the training loss from the final hidden states a chunk of rows at a
+    /// time, never materialising the `[tokens, vocab]` logits, and only for the tokens that
+    /// count (answers in SFT). The same value and gradients as the plain path, with less memory
+    /// and, for SFT, less work. `false` keeps the plain logits path. A `[loss]` plugin always
+    /// gets the full logits. Default true.
+    #[serde(default = "default_true")]
+    pub chunked_lm_loss: bool,
     /// Seed of the data order, the dropout masks and any random initialisation. The same seed
     /// gives the same loss sequence on CPU. Default 42.
     #[serde(default = "default_seed")]
@@ -365,6 +372,7 @@ impl Default for TrainingConfig {
             max_grad_norm: None,
             eval_every: None,
             eval_at_start: false,
+            chunked_lm_loss: true,
             seed: default_seed(),
             device: default_device(),
             log_every: default_log_every(),

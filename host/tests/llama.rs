@@ -514,3 +514,82 @@ fn hf_directory_loads_weights_tokenizer_and_special_tokens() {
     let out = generate(&loaded, "The capital of France is", &opts, &mut |_| {}).unwrap();
     assert_eq!(out.prompt_tokens, 5);
 }
+
+/// The chunked loss (`Model::forward_loss`, no `[tokens, vocab]` logits) equals the logits path
+/// in value and in every gradient: only layer 1 training (frozen tied head), an untied head that
+/// trains, and everything training with the head tied to the embedding.
+#[test]
+fn the_chunked_loss_equals_the_logits_loss_with_its_gradients() {
+    let ids = Tensor::new(
+        &[[1u32, 5, 9, 14, 3, 22], [7, 2, 8, 40, 0, 0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    // The first sequence's prompt does not count (SFT): only its last two tokens are labels.
+    let labels = Tensor::new(
+        &[[-100i64, -100, -100, 14, 3, 22], [7, 2, 8, 40, -100, -100]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (tied, patterns) in [
+        (true, vec!["model.layers.1.*"]),
+        (false, vec!["lm_head.*", "model.layers.0.mlp.*"]),
+        (true, vec!["*"]),
+    ] {
+        let model = Llama::random(&tiny_config(tied, false), &Device::Cpu, 11).unwrap();
+        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        model.params().set_trainable_by_patterns(&patterns).unwrap();
+        let logits = model.forward(&ids, &mask, Mode::Eval).unwrap();
+        let plain = model.loss(&logits, &labels).unwrap();
+        let chunked = model
+            .forward_loss(&ids, &mask, &labels, Mode::Eval)
+            .unwrap()
+            .expect("Llama has a chunked loss");
+        let value = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+        assert!(
+            (value(&plain) - value(&chunked)).abs() < 1e-5,
+            "{patterns:?}: {} vs {}",
+            value(&plain),
+            value(&chunked)
+        );
+        let (g_plain, g_chunked) = (plain.backward().unwrap(), chunked.backward().unwrap());
+        let mut trained = 0;
+        for param in model.params().iter() {
+            let tensor = param.tensor();
+            match (g_plain.get(&tensor), g_chunked.get(&tensor)) {
+                (Some(a), Some(b)) => {
+                    let diff = (a - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    let scale = a
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(
+                        diff <= 1e-5 * scale.max(1.0),
+                        "{patterns:?} {}: gradients differ by {diff}",
+                        param.name()
+                    );
+                    trained += 1;
+                }
+                (None, None) => assert!(!param.is_trainable(), "{}", param.name()),
+                (a, b) => panic!(
+                    "{patterns:?} {}: gradient in one path only ({} plain, {} chunked)",
+                    param.name(),
+                    a.is_some(),
+                    b.is_some()
+                ),
+            }
+        }
+        assert_eq!(trained, model.params().trainable().len(), "{patterns:?}");
+    }
+}

@@ -494,11 +494,12 @@ impl Llama {
         self.max_positions
     }
 
-    /// Final hidden states → logits, for `input_ids` `[batch, seq]` following `past` cached
-    /// positions; `attention_mask` `[batch, past + seq]` (1 = real token) or `None` for all-real.
-    /// A method's model hook (virtual tokens, attention prefixes) runs on the first call of a
-    /// sequence (no cached positions); the cache then keeps what it added.
-    fn run(
+    /// The final hidden states (after the last norm) `[batch, seq, hidden]`, for `input_ids`
+    /// `[batch, seq]` following `past` cached positions; `attention_mask` `[batch, past + seq]`
+    /// (1 = real token) or `None` for all-real. A method's model hook (virtual tokens,
+    /// attention prefixes) runs on the first call of a sequence (no cached positions); the
+    /// cache then keeps what it added.
+    fn hidden_states(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
@@ -588,7 +589,17 @@ impl Llama {
         if let Some(p) = &prompted {
             x = p.strip_virtual(x)?;
         }
-        let x = ops::rms_norm(&x, &self.norm.tensor(), c.rms_norm_eps)?;
+        Ok(ops::rms_norm(&x, &self.norm.tensor(), c.rms_norm_eps)?)
+    }
+
+    /// Logits `[batch, seq, vocab]`: [`Llama::hidden_states`] through the output head.
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let x = self.hidden_states(input_ids, attention_mask, cache)?;
         Ok(self.lm_head.forward(&x)?)
     }
 }
@@ -615,6 +626,37 @@ impl Model for Llama {
         // Llama itself has no dropout; the mode matters to PEFT hooks (LoRA dropout).
         self.ctx.set_mode(mode);
         self.run(input_ids, Some(attention_mask), None)
+    }
+
+    /// The next-token loss from the final hidden states, chunk by chunk, over the positions
+    /// whose label counts; `None` (the logits path) when a hook or bias sits on the output head.
+    fn forward_loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        labels: &Tensor,
+        mode: Mode,
+    ) -> Result<Option<Tensor>> {
+        let (_, seq) = input_ids.dims2()?;
+        if seq < 2 || self.lm_head.has_hook() || self.lm_head.bias().is_some() {
+            return Ok(None);
+        }
+        self.ctx.set_mode(mode);
+        let hidden = self.hidden_states(input_ids, Some(attention_mask), None)?;
+        let (batch, seq, width) = hidden.dims3()?;
+        // Position t predicts the label at t + 1.
+        let hidden = hidden
+            .narrow(1, 0, seq - 1)?
+            .contiguous()?
+            .reshape((batch * (seq - 1), width))?;
+        let targets = labels.narrow(1, 1, seq - 1)?.contiguous()?.flatten_all()?;
+        let weight = self.lm_head.weight();
+        Ok(Some(ops::linear_cross_entropy(
+            &hidden,
+            &weight.tensor(),
+            &targets,
+            weight.is_trainable(),
+        )?))
     }
 
     /// The linear modules of every decoder layer (as PEFT's `all-linear`, the output head is

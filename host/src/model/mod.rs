@@ -122,6 +122,20 @@ pub trait Model: Send + Sync {
     /// uninterrupted one. Models without randomness ignore it.
     fn reseed(&self, _seed: u64) {}
 
+    /// The training loss of a batch straight from `input_ids`, computed without materialising
+    /// the logits (see [`crate::ops::linear_cross_entropy`]), equal in value and gradients to
+    /// [`Model::forward`] followed by [`Model::loss`]; `None` when the model has no such path
+    /// (the caller then takes the logits).
+    fn forward_loss(
+        &self,
+        _input_ids: &Tensor,
+        _attention_mask: &Tensor,
+        _labels: &Tensor,
+        _mode: Mode,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// The loss of a batch: cross-entropy over classes, or next-token cross-entropy over the
     /// unmasked label positions.
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {

@@ -13,6 +13,7 @@
 
 mod activation;
 mod attention;
+mod chunked_loss;
 pub mod composed;
 mod dropout;
 pub mod fused;
@@ -23,6 +24,7 @@ mod rope;
 
 pub use activation::{gelu, gelu_tanh, silu, swiglu};
 pub use attention::{attention_bias, repeat_kv, scaled_dot_product_attention};
+pub use chunked_loss::linear_cross_entropy;
 pub use dropout::dropout;
 pub use linear::{frozen_linear, Linear};
 pub use loss::{causal_lm_loss, cross_entropy, IGNORE_INDEX};

@@ -80,6 +80,8 @@ pub struct Trainer {
     seed: u64,
     method: Option<Arc<MethodAdapter>>,
     objective: Objective,
+    /// Use the model's chunked loss path when it has one (`training.chunked_lm_loss`).
+    chunked_lm_loss: bool,
 }
 
 impl Trainer {
@@ -142,6 +144,7 @@ impl Trainer {
             seed: cfg.seed,
             method,
             objective: Objective::default(),
+            chunked_lm_loss: cfg.chunked_lm_loss,
         })
     }
 
@@ -211,8 +214,25 @@ impl Trainer {
         self
     }
 
-    /// The loss of a batch: the loss plugin's when there is one (with the teacher's logits),
-    /// else the model's cross-entropy.
+    /// The training loss of a batch (forward included): the model's chunked loss when it has
+    /// one and no loss plugin needs the logits, else the logits' loss.
+    fn batch_loss(&self, model: &dyn Model, batch: &Batch) -> Result<Tensor> {
+        if self.chunked_lm_loss && self.objective.loss.is_none() {
+            if let Some(loss) = model.forward_loss(
+                &batch.input_ids,
+                &batch.attention_mask,
+                &batch.labels,
+                Mode::Train,
+            )? {
+                return Ok(loss);
+            }
+        }
+        let logits = model.forward(&batch.input_ids, &batch.attention_mask, Mode::Train)?;
+        self.data_loss(model, &logits, batch)
+    }
+
+    /// The loss of a batch's logits: the loss plugin's when there is one (with the teacher's
+    /// logits), else the model's cross-entropy.
     fn data_loss(&self, model: &dyn Model, logits: &Tensor, batch: &Batch) -> Result<Tensor> {
         let Some(loss) = &self.objective.loss else {
             return model.loss(logits, &batch.labels);
@@ -251,8 +271,7 @@ impl Trainer {
         let mut tokens = 0;
         for batch in micro_batches {
             let t0 = Instant::now();
-            let logits = model.forward(&batch.input_ids, &batch.attention_mask, Mode::Train)?;
-            let mut loss = self.data_loss(model, &logits, batch)?;
+            let mut loss = self.batch_loss(model, batch)?;
             if let Some(term) = self
                 .method
                 .as_ref()

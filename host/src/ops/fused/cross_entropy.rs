@@ -268,6 +268,48 @@ impl CustomOp2 for CrossEntropy {
     }
 }
 
+/// The summed loss of the rows of `logits` `[n, classes]` (f32/f64, CPU) whose target is not
+/// ignored, and the gradient of `scale ·` that sum with respect to the logits (0 on ignored
+/// rows), computed directly: no autograd node, for callers that apply the chain rule themselves
+/// (the chunked causal-LM loss, [`crate::ops::linear_cross_entropy`]).
+pub fn loss_sum_and_grad(
+    logits: &Tensor,
+    targets: &[i64],
+    scale: f64,
+) -> candle_core::Result<(f64, Tensor)> {
+    match logits.dtype() {
+        DType::F32 => loss_sum_and_grad_as::<f32>(logits, targets, scale),
+        DType::F64 => loss_sum_and_grad_as::<f64>(logits, targets, scale),
+        other => candle_core::bail!(
+            "cross-entropy: the fused kernel takes f32 or f64 logits, got {other:?}"
+        ),
+    }
+}
+
+fn loss_sum_and_grad_as<T: Real>(
+    logits: &Tensor,
+    targets: &[i64],
+    scale: f64,
+) -> candle_core::Result<(f64, Tensor)> {
+    let (n, classes) = logits.dims2()?;
+    if targets.len() != n {
+        candle_core::bail!(
+            "cross-entropy: {n} rows of logits but {} targets",
+            targets.len()
+        );
+    }
+    let (total, grad) = with_slice::<T, _>(logits, "cross-entropy", |x| {
+        let stats = row_stats(x, targets, classes)?;
+        let total: f64 = stats.iter().map(|(loss, _)| loss).sum();
+        let lse: Vec<Lse> = stats.into_iter().map(|(_, lse)| lse).collect();
+        Ok((total, grad_kernel(x, targets, &lse, classes, scale)))
+    })?;
+    Ok((
+        total,
+        Tensor::from_vec(grad, (n, classes), logits.device())?,
+    ))
+}
+
 /// Mean cross-entropy of `logits` `[n, classes]` (f32/f64, CPU) against `targets` `[n]` (any
 /// integer dtype), ignoring targets equal to [`IGNORE_INDEX`]; 0 (with a zero gradient) when no
 /// target is valid. Errors on non-CPU or half-precision logits and on out-of-range targets.

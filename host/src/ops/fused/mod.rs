@@ -17,7 +17,7 @@ mod layer_norm;
 mod rms_norm;
 mod softmax;
 
-pub use cross_entropy::{causal_lm_loss, cross_entropy};
+pub use cross_entropy::{causal_lm_loss, cross_entropy, loss_sum_and_grad};
 pub use layer_norm::layer_norm;
 pub use rms_norm::rms_norm;
 pub use softmax::softmax_last_dim;
