@@ -41,11 +41,11 @@ pub enum PluginCommand {
     },
     /// List the installed plugins with their configuration fields.
     List,
-    /// Run the conformance suite on a method plugin; exits non-zero when a check fails.
+    /// Run the conformance suite on a method or loss plugin; exits non-zero when a check fails.
     Check {
         /// A plugin.toml, the folder holding one, or a plugin crate to build first.
         path: PathBuf,
-        /// The method's configuration as JSON (PEFT's field names).
+        /// The plugin's configuration as JSON (PEFT's field names for a method).
         #[arg(long, default_value = "{}")]
         config: String,
         /// Check the native build (with --wasm too: both, and native == wasm). Without either

@@ -330,3 +330,24 @@ fn prompt_tuning_inits_copy_input_embedding_rows() {
     assert_eq!(attach(sample.clone(), 17).0, a, "same seed, same tokens");
     assert_ne!(attach(sample, 18).0, a, "another seed, other tokens");
 }
+
+/// The loss plugins pass the loss checks: a finite value for a classifier and a causal LM, a
+/// gradient that is zero exactly where positions do not count, the same results native and wasm.
+#[test]
+fn loss_plugins_pass_conformance() {
+    for (plugin, config) in [
+        (
+            "cross-entropy",
+            json!({"label_smoothing": 0.1, "ignore_index": 2}),
+        ),
+        ("focal", json!({"gamma": 2.0})),
+        ("distill", json!({"alpha": 0.5, "temperature": 2.0})),
+    ] {
+        let report = check_plugin(plugin, config);
+        let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
+        assert!(
+            names.contains(&"value") && names.contains(&"gradients"),
+            "{report}"
+        );
+    }
+}

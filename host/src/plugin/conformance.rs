@@ -1,7 +1,8 @@
 //! The conformance suite every PEFT method plugin passes (DESIGN.md, "Conventions"), run by
-//! `whet plugin check` and by the tests of first-party plugins.
+//! `whet plugin check` and by the tests of first-party plugins. Loss plugins have their own
+//! checks (`value`, `gradients`, `native-wasm`: see `loss_checks`).
 //!
-//! On a tiny random Llama with fixed seeds, for each build of the plugin (native, wasm):
+//! For a method, on a tiny random Llama with fixed seeds, for each build of the plugin (native, wasm):
 //!
 //! - **inject**: the method wraps at least one module, only linears of the model, and exactly
 //!   the modules carrying its hooks;
@@ -24,6 +25,7 @@
 
 mod checks;
 mod fixture;
+mod loss_checks;
 
 use std::fmt;
 use std::time::Instant;
@@ -243,6 +245,55 @@ fn builds(manifest: &Manifest, asked: &[TransportKind]) -> Vec<TransportKind> {
     out
 }
 
+/// The `load` check of one build: the plugin when it loaded.
+fn load_build(
+    manifest: &Manifest,
+    kind: TransportKind,
+    checks: &mut Vec<CheckResult>,
+) -> Option<Plugin> {
+    let mut plugin = None;
+    let loaded = run(checks, "load", Some(kind), || {
+        let p = Plugin::load(manifest, kind)?;
+        let message = format!(
+            "{} {} (sdk {}, contract {})",
+            p.metadata.name, p.metadata.version, p.metadata.sdk_version, p.metadata.contract
+        );
+        plugin = Some(p);
+        Ok(Outcome::pass(0.0, message))
+    });
+    plugin.filter(|_| loaded == Status::Pass)
+}
+
+/// Checks one build of a loss plugin; returns what it computed when it could run.
+fn check_loss_build(
+    manifest: &Manifest,
+    kind: TransportKind,
+    config: &serde_json::Value,
+    inputs: &loss_checks::LossInputs,
+    checks: &mut Vec<CheckResult>,
+) -> Option<loss_checks::LossTrace> {
+    let t = Some(kind);
+    let plugin = load_build(manifest, kind, checks)?;
+    let mut adapter = None;
+    run(checks, "attach", t, || {
+        adapter = Some(loss_checks::attach(&plugin, config)?);
+        Ok(Outcome::pass(0.0, "loss created from the configuration"))
+    });
+    let adapter = adapter?;
+    let mut trace = None;
+    run(checks, "value", t, || {
+        let computed = loss_checks::trace(&adapter, inputs)?;
+        let outcome = loss_checks::value(&computed);
+        trace = Some(computed);
+        Ok(outcome)
+    });
+    let trace = trace?;
+    run(checks, "gradients", t, || {
+        Ok(loss_checks::gradients(&trace, inputs))
+    });
+    Some(trace)
+}
+
 /// Checks one build; returns the loaded plugin when it could be loaded and attached.
 fn check_build(
     manifest: &Manifest,
@@ -252,17 +303,7 @@ fn check_build(
     checks: &mut Vec<CheckResult>,
 ) -> Option<Plugin> {
     let t = Some(kind);
-    let mut plugin = None;
-    let loaded = run(checks, "load", t, || {
-        let p = Plugin::load(manifest, kind)?;
-        let message = format!(
-            "{} {} (sdk {}, contract {})",
-            p.metadata.name, p.metadata.version, p.metadata.sdk_version, p.metadata.contract
-        );
-        plugin = Some(p);
-        Ok(Outcome::pass(0.0, message))
-    });
-    let plugin = plugin.filter(|_| loaded == Status::Pass)?;
+    let plugin = load_build(manifest, kind, checks)?;
     let mut subject = None;
     run(checks, "attach", t, || {
         let s = fixture::attach(&plugin, config, fixture::INIT_SEED)?;
@@ -299,8 +340,15 @@ fn check_build(
     Some(plugin)
 }
 
-/// Runs the conformance suite on the method plugin of `manifest`, configured by `config`
-/// (PEFT's JSON fields), for each of `transports` (empty or `Auto`: every build present).
+/// The native and the wasm entry of `done`, when both are there.
+fn both<T>(done: &[(TransportKind, T)]) -> Option<(&T, &T)> {
+    let find = |kind| done.iter().find(|(k, _)| *k == kind).map(|(_, v)| v);
+    Some((find(TransportKind::Native)?, find(TransportKind::Wasm)?))
+}
+
+/// Runs the conformance suite on the plugin of `manifest`, configured by `config` (PEFT's JSON
+/// fields for a method), for each of `transports` (empty or `Auto`: every build present): the
+/// method checks, or the loss checks for a plugin that provides a loss and no method.
 ///
 /// Fails only when the fixture itself cannot be built; everything the plugin does wrong is a
 /// failed check in the [`Report`].
@@ -309,24 +357,40 @@ pub fn check(
     transports: &[TransportKind],
     config: serde_json::Value,
 ) -> Result<Report> {
+    use whetstone_sdk::PluginKind;
     let start = Instant::now();
-    let inputs = fixture::Inputs::new()?;
     let kinds = builds(manifest, transports);
     let mut checks = Vec::new();
-    let mut loaded = Vec::new();
-    for &kind in &kinds {
-        if let Some(p) = check_build(manifest, kind, &config, &inputs, &mut checks) {
-            loaded.push((kind, p));
+    let is_loss =
+        manifest.kinds.contains(&PluginKind::Loss) && !manifest.kinds.contains(&PluginKind::Method);
+    if is_loss {
+        let inputs = loss_checks::LossInputs::new()?;
+        let mut done = Vec::new();
+        for &kind in &kinds {
+            if let Some(t) = check_loss_build(manifest, kind, &config, &inputs, &mut checks) {
+                done.push((kind, t));
+            }
         }
-    }
-    let native = loaded.iter().find(|(k, _)| *k == TransportKind::Native);
-    let wasm = loaded.iter().find(|(k, _)| *k == TransportKind::Wasm);
-    if let (Some((_, n)), Some((_, w))) = (native, wasm) {
-        run(&mut checks, "native-wasm", None, || {
-            let a = checks::trace(n, &config, &inputs)?;
-            let b = checks::trace(w, &config, &inputs)?;
-            Ok(checks::compare(&a, &b))
-        });
+        if let Some((n, w)) = both(&done) {
+            run(&mut checks, "native-wasm", None, || {
+                Ok(loss_checks::compare(n, w))
+            });
+        }
+    } else {
+        let inputs = fixture::Inputs::new()?;
+        let mut loaded = Vec::new();
+        for &kind in &kinds {
+            if let Some(p) = check_build(manifest, kind, &config, &inputs, &mut checks) {
+                loaded.push((kind, p));
+            }
+        }
+        if let Some((n, w)) = both(&loaded) {
+            run(&mut checks, "native-wasm", None, || {
+                let a = checks::trace(n, &config, &inputs)?;
+                let b = checks::trace(w, &config, &inputs)?;
+                Ok(checks::compare(&a, &b))
+            });
+        }
     }
     if kinds.is_empty() {
         run(&mut checks, "load", None, || {
