@@ -4,7 +4,8 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use whetstone_host::bench::{bench_train, StepPhases, TrainBench};
-use whetstone_host::recipe::TrainingConfig;
+use whetstone_host::recipe::{MethodSpec, TrainingConfig};
+use whetstone_host::train::run::apply_method_with_plugins;
 use whetstone_host::train::Trainer;
 
 use crate::model_arg::ModelOptions;
@@ -40,9 +41,14 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// Glob over parameter names to train (repeatable), e.g. `model.layers.29.*`; every
-    /// parameter trains when none is given.
-    #[arg(long)]
+    /// parameter trains when neither this nor `--method` is given.
+    #[arg(long, conflicts_with = "method")]
     trainable: Vec<String>,
+    /// A method as the JSON of a recipe's `[method]` section, e.g.
+    /// `'{"kind": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}'`
+    /// (the plugin is found as `whet train` finds it).
+    #[arg(long, value_name = "JSON")]
+    method: Option<String>,
     /// Seed of the random batches and of any new head.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -66,7 +72,12 @@ fn train(args: TrainArgs) -> Result<()> {
     let model = loaded.model.as_ref();
     let params = model.params();
     params.freeze_all()?;
-    if args.trainable.is_empty() {
+    let mut adapter = None;
+    if let Some(json) = &args.method {
+        let spec: MethodSpec = serde_json::from_str(json)
+            .with_context(|| format!("--method {json}: not a [method] section as JSON"))?;
+        adapter = apply_method_with_plugins(model, &spec, &[], args.seed)?;
+    } else if args.trainable.is_empty() {
         for param in params.iter() {
             param.set_trainable(true)?;
         }
@@ -80,7 +91,8 @@ fn train(args: TrainArgs) -> Result<()> {
         chunked_lm_loss: !args.full_logits,
         ..TrainingConfig::default()
     };
-    let mut trainer = Trainer::new(model, &cfg, total_steps).context("setting up the optimizer")?;
+    let mut trainer = Trainer::with_method(model, adapter, &cfg, total_steps)
+        .context("setting up the optimizer")?;
     let device = whetstone_host::device::parse_device(&args.options.device)?;
     let bench = TrainBench {
         model: args.model.clone(),
@@ -97,7 +109,7 @@ fn train(args: TrainArgs) -> Result<()> {
         }
         .into(),
     };
-    let counts = (params.num_trainable(), params.num_params());
+    let counts = (trainer.num_trainable(), params.num_params());
     let report = bench_train(&bench, &device, counts, &mut |batch| {
         trainer
             .train_step(model, std::slice::from_ref(batch))

@@ -100,7 +100,7 @@ fn report(loaded: &LoadedModel, with_params: bool) -> Report {
                 .iter()
                 .map(|p| ParamInfo {
                     name: p.name().into(),
-                    shape: p.tensor().dims().to_vec(),
+                    shape: p.dims(),
                 })
                 .collect()
         }),

@@ -14,6 +14,7 @@ mod inspect;
 mod merge;
 mod model_arg;
 mod plugin;
+mod quantize;
 mod train;
 
 use std::io::IsTerminal;
@@ -52,6 +53,9 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Show a model's architecture, parameter count, layers and linear module names.
     Inspect(inspect::InspectArgs),
+    /// Measure what a quantization format does to a model's linear weights (QLoRA), and write
+    /// a re-quantized GGUF copy.
+    Quantize(quantize::QuantizeArgs),
     /// Measure performance (prints JSON).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -92,6 +96,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Assets(command) => assets::run(command),
         Command::Demo(args) => demo::run(args),

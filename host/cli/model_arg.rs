@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use whetstone_host::assets;
 use whetstone_host::model::load::{self, LoadedModel, ModelSpec, Pooling, TaskSpec};
+use whetstone_host::quant::QuantizeSpec;
 
 /// The head to put on the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -30,6 +31,32 @@ pub struct ModelOptions {
     /// Where to compute: cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Hold the frozen linear layers quantized (QLoRA): `nf4` or `q8_0` made at load, or
+    /// `keep` for a GGUF file's own blocks (as `[model] quantize` in a recipe).
+    #[arg(long, value_enum)]
+    pub quantize: Option<Quantize>,
+}
+
+/// `--quantize`: see [`whetstone_host::quant::QuantizeSpec`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Quantize {
+    /// NF4 with double quantization, made at load.
+    Nf4,
+    /// ggml Q8_0, made at load.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// A GGUF file's own blocks, as stored.
+    Keep,
+}
+
+impl From<Quantize> for QuantizeSpec {
+    fn from(q: Quantize) -> Self {
+        match q {
+            Quantize::Nf4 => QuantizeSpec::Nf4,
+            Quantize::Q8_0 => QuantizeSpec::Q8_0,
+            Quantize::Keep => QuantizeSpec::Keep,
+        }
+    }
 }
 
 impl ModelOptions {
@@ -47,6 +74,7 @@ impl ModelOptions {
             num_labels: self.num_labels,
             pooling: Pooling::Mean,
             dropout: None,
+            quantize: self.quantize.map(QuantizeSpec::from),
         })
     }
 

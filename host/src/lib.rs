@@ -6,6 +6,7 @@
 //! Module map:
 //! - [`params`]: named parameters that are frozen or trainable, selected by name patterns;
 //! - [`ops`]: differentiable operations whose backward is proven by finite-difference tests;
+//! - [`quant`]: quantized frozen weight matrices (NF4, ggml blocks), the base of QLoRA;
 //! - [`model`]: the model architectures the host owns (Llama family, BERT family), loaders and
 //!   generation;
 //! - [`data`]: records, tokenization, masking, batching;
@@ -26,6 +27,7 @@ pub mod model;
 pub mod ops;
 pub mod params;
 pub mod plugin;
+pub mod quant;
 pub mod recipe;
 pub mod session;
 pub mod train;

@@ -8,8 +8,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 
+use crate::quant::QuantizedMatrix;
 use crate::{Error, Result};
 
 /// The current state of one parameter.
@@ -19,6 +20,9 @@ enum State {
     Frozen(Tensor),
     /// A variable that receives gradients.
     Trainable(Var),
+    /// A frozen matrix kept in quantized blocks (QLoRA's base weights): linear layers multiply
+    /// by it tile by tile ([`crate::ops::quantized_linear`]); it never trains.
+    Quantized(Arc<QuantizedMatrix>),
 }
 
 /// One named parameter.
@@ -34,6 +38,14 @@ impl Param {
         Self {
             name: name.into(),
             state: RwLock::new(State::Frozen(value)),
+        }
+    }
+
+    /// A new frozen parameter held in quantized blocks.
+    pub fn quantized(name: impl Into<String>, value: Arc<QuantizedMatrix>) -> Self {
+        Self {
+            name: name.into(),
+            state: RwLock::new(State::Quantized(value)),
         }
     }
 
@@ -59,17 +71,53 @@ impl Param {
     }
 
     /// The value to compute with: the variable's tensor when trainable, the constant otherwise.
+    /// A quantized parameter is dequantized to a new f32 tensor on every call (for merging,
+    /// saving and inspection; linear layers multiply by its blocks instead, see
+    /// [`Param::quantized_matrix`]).
+    #[allow(clippy::expect_used)]
     pub fn tensor(&self) -> Tensor {
         match self.read() {
             State::Frozen(t) => t,
             State::Trainable(v) => v.as_tensor().clone(),
+            State::Quantized(m) => m.dequantize().expect(
+                "a quantized matrix dequantizes: its shape and bytes were checked when it was built",
+            ),
+        }
+    }
+
+    /// The quantized blocks, when the parameter is held quantized.
+    pub fn quantized_matrix(&self) -> Option<Arc<QuantizedMatrix>> {
+        match self.read() {
+            State::Quantized(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The shape (without dequantizing a quantized parameter).
+    pub fn dims(&self) -> Vec<usize> {
+        match self.read() {
+            State::Frozen(t) => t.dims().to_vec(),
+            State::Trainable(v) => v.as_tensor().dims().to_vec(),
+            State::Quantized(m) => {
+                let (rows, cols) = m.dims();
+                vec![rows, cols]
+            }
+        }
+    }
+
+    /// The device the value lives on (quantized blocks live on the CPU).
+    pub fn device(&self) -> Device {
+        match self.read() {
+            State::Frozen(t) => t.device().clone(),
+            State::Trainable(v) => v.as_tensor().device().clone(),
+            State::Quantized(_) => Device::Cpu,
         }
     }
 
     /// The variable, when the parameter is trainable.
     pub fn var(&self) -> Option<Var> {
         match self.read() {
-            State::Frozen(_) => None,
+            State::Frozen(_) | State::Quantized(_) => None,
             State::Trainable(v) => Some(v),
         }
     }
@@ -82,6 +130,13 @@ impl Param {
     /// Makes the parameter trainable (keeping its current value) or freezes it.
     pub fn set_trainable(&self, trainable: bool) -> Result<()> {
         let next = match (self.read(), trainable) {
+            (State::Quantized(_), true) => {
+                return Err(Error::config(format!(
+                    "`{}` is a quantized base weight and cannot train; train it through a \
+                     method (LoRA...) or load the model without `quantize`",
+                    self.name
+                )))
+            }
             (State::Frozen(t), true) => State::Trainable(Var::from_tensor(&t)?),
             (State::Trainable(v), false) => State::Frozen(v.as_tensor().detach()),
             (same, _) => same,
@@ -91,29 +146,39 @@ impl Param {
     }
 
     /// Overwrites the value (shape must match), e.g. when loading a checkpoint.
+    /// A quantized parameter becomes a plain frozen one holding `value` (e.g. a merged weight).
     pub fn set_value(&self, value: &Tensor) -> Result<()> {
-        let current = self.tensor();
-        if current.dims() != value.dims() {
+        let dims = self.dims();
+        if dims != value.dims() {
             return Err(Error::config(format!(
                 "parameter `{}` has shape {:?}, the value to load has shape {:?}",
                 self.name,
-                current.dims(),
+                dims,
                 value.dims()
             )));
         }
-        let value = value
-            .to_dtype(current.dtype())?
-            .to_device(current.device())?;
         match self.read() {
-            State::Frozen(_) => self.write(State::Frozen(value)),
-            State::Trainable(v) => v.set(&value)?,
+            State::Frozen(current) => self.write(State::Frozen(
+                value
+                    .to_dtype(current.dtype())?
+                    .to_device(current.device())?,
+            )),
+            State::Trainable(v) => {
+                let current = v.as_tensor();
+                v.set(
+                    &value
+                        .to_dtype(current.dtype())?
+                        .to_device(current.device())?,
+                )?
+            }
+            State::Quantized(_) => self.write(State::Frozen(value.detach())),
         }
         Ok(())
     }
 
     /// Number of scalar elements.
     pub fn elem_count(&self) -> usize {
-        self.tensor().elem_count()
+        self.dims().iter().product()
     }
 }
 
@@ -128,6 +193,22 @@ impl ParamStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Adds a frozen parameter held in quantized blocks (see [`ParamStore::insert`]).
+    pub fn insert_quantized(
+        &mut self,
+        name: impl Into<String>,
+        value: Arc<QuantizedMatrix>,
+    ) -> Arc<Param> {
+        let name = name.into();
+        if let Some(existing) = self.by_name.get(&name) {
+            return existing.clone();
+        }
+        let param = Arc::new(Param::quantized(name.clone(), value));
+        self.order.push(param.clone());
+        self.by_name.insert(name, param.clone());
+        param
     }
 
     /// Adds a frozen parameter and returns the shared handle the model keeps.

@@ -258,6 +258,7 @@ fn classification_spec(dir: &Path) -> ModelSpec {
         num_labels: 2,
         pooling: Pooling::Mean,
         dropout: None,
+        quantize: None,
     }
 }
 

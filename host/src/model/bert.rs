@@ -27,6 +27,7 @@ use super::prompt::{self, AttentionShape, Prompted};
 use super::{Mode, Model, TaskKind};
 use crate::ops::{self, Linear};
 use crate::params::ParamStore;
+use crate::quant::{QuantFormat, QuantizeSpec};
 use crate::{Error, Result};
 use build::{canonical_name, normal_vec, Builder, Checkpoint, Embeddings, Layer, RandomInit};
 use config::Activation;
@@ -68,6 +69,7 @@ impl BertForSequenceClassification {
         let mut builder = Builder {
             store: ParamStore::new(),
             source: &mut init,
+            quantize: None,
         };
         let (embeddings, layers) = builder.encoder(config)?;
         let classifier = builder.linear("classifier", num_labels, config.hidden_size)?;
@@ -95,6 +97,25 @@ impl BertForSequenceClassification {
         pooling: Pooling,
         device: &Device,
         seed: u64,
+    ) -> Result<Self> {
+        Self::from_tensors_quantized(
+            config, tensors, dir, num_labels, pooling, device, seed, None,
+        )
+    }
+
+    /// [`BertForSequenceClassification::from_tensors`] with the encoder's linear weights
+    /// quantized to `quantize` as they are read (QLoRA); embeddings, norms, biases and the
+    /// head stay f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_tensors_quantized(
+        config: &BertConfig,
+        tensors: HashMap<String, Tensor>,
+        dir: &Path,
+        num_labels: usize,
+        pooling: Pooling,
+        device: &Device,
+        seed: u64,
+        quantize: Option<QuantFormat>,
     ) -> Result<Self> {
         config
             .validate()
@@ -128,6 +149,7 @@ impl BertForSequenceClassification {
         let mut builder = Builder {
             store: ParamStore::new(),
             source: &mut checkpoint,
+            quantize,
         };
         let (embeddings, layers) = builder.encoder(config)?;
         let mut store = builder.store;
@@ -491,8 +513,11 @@ pub fn load_hf_dir(
         }
         config.hidden_dropout_prob = p;
     }
+    if spec.quantize == Some(QuantizeSpec::Keep) {
+        return Err(QuantizeSpec::keep_refused(dir));
+    }
     let tensors = hf::load_weights(dir, device)?;
-    let model = BertForSequenceClassification::from_tensors(
+    let model = BertForSequenceClassification::from_tensors_quantized(
         &config,
         tensors,
         dir,
@@ -500,6 +525,7 @@ pub fn load_hf_dir(
         spec.pooling,
         device,
         seed,
+        spec.quantize.and_then(QuantizeSpec::target),
     )?;
     let tokenizer = hf::load_tokenizer(dir)?;
     let mut special = hf::special_tokens_from_dir(dir, &tokenizer)?;

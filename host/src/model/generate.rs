@@ -256,7 +256,7 @@ pub fn generate(
         .params()
         .iter()
         .next()
-        .map(|p| p.tensor().device().clone())
+        .map(|p| p.device())
         .unwrap_or(candle_core::Device::Cpu);
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut cache = lm.new_cache();

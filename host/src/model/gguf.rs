@@ -10,12 +10,17 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 
 use super::llama::LlamaConfig;
+use crate::quant::QuantizedMatrix;
 use crate::{Error, Result};
+
+/// Linear weights kept in their ggml blocks, under their Hugging Face names.
+pub type KeptBlocks = HashMap<String, Arc<QuantizedMatrix>>;
 
 /// An opened GGUF file: its metadata and tensor directory, plus a reader for the tensor data.
 pub struct GgufFile {
@@ -199,9 +204,22 @@ impl GgufFile {
         config: &LlamaConfig,
         device: &Device,
     ) -> Result<HashMap<String, Tensor>> {
+        Ok(self.load_hf_weights(config, device, false)?.0)
+    }
+
+    /// As [`GgufFile::load_hf_tensors`]; with `keep_blocks`, the decoder layers' linear weights
+    /// stored in a quantized ggml type stay in their blocks (the second map; q/k rows reordered
+    /// without dequantizing), so the whole model never exists in f32.
+    pub fn load_hf_weights(
+        &mut self,
+        config: &LlamaConfig,
+        device: &Device,
+        keep_blocks: bool,
+    ) -> Result<(HashMap<String, Tensor>, KeptBlocks)> {
         let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
         names.sort();
         let mut out = HashMap::with_capacity(names.len());
+        let mut kept = HashMap::new();
         for name in names {
             if name == "rope_freqs.weight" {
                 return Err(Error::bad_file(
@@ -215,15 +233,121 @@ impl GgufFile {
                     format!("tensor `{name}` has no Hugging Face Llama counterpart (unsupported architecture variant?)"),
                 )
             })?;
-            let mut tensor = self.dequantize(&name, device)?;
-            if hf.contains("self_attn.q_proj.") {
-                tensor = unpermute_qk(&tensor, config.num_attention_heads)?;
+            let heads = if hf.contains("self_attn.q_proj.") {
+                Some(config.num_attention_heads)
             } else if hf.contains("self_attn.k_proj.") {
-                tensor = unpermute_qk(&tensor, config.num_key_value_heads)?;
+                Some(config.num_key_value_heads)
+            } else {
+                None
+            };
+            let linear = hf.starts_with("model.layers.") && hf.ends_with("_proj.weight");
+            if keep_blocks && linear {
+                if let Some(matrix) = self.blocks(&name, heads)? {
+                    kept.insert(hf, Arc::new(matrix));
+                    continue;
+                }
+            }
+            let mut tensor = self.dequantize(&name, device)?;
+            if let Some(heads) = heads {
+                tensor = unpermute_qk(&tensor, heads)?;
             }
             out.insert(hf, tensor);
         }
-        Ok(out)
+        Ok((out, kept))
+    }
+
+    /// Tensor `name` as a [`QuantizedMatrix`] of its own ggml blocks, its rows un-permuted for
+    /// `heads` (q/k projections); `None` when it is stored unquantized (f32, f16, bf16).
+    fn blocks(&mut self, name: &str, heads: Option<usize>) -> Result<Option<QuantizedMatrix>> {
+        use candle_core::quantized::GgmlDType;
+        let bad = |what: String| Error::bad_file(&self.path, format!("tensor `{name}`: {what}"));
+        let qtensor = self
+            .content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| bad(e.to_string()))?;
+        let dtype = qtensor.dtype();
+        if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(None);
+        }
+        let (rows, cols) = qtensor.shape().dims2().map_err(|e| bad(e.to_string()))?;
+        let order: Vec<usize> = match heads {
+            Some(heads) => {
+                // The permutation of the rows, read off an index column.
+                let index: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+                let column = Tensor::from_vec(index, (rows, 1), &Device::Cpu)?;
+                unpermute_qk(&column, heads)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(|r| r as usize)
+                    .collect()
+            }
+            None => (0..rows).collect(),
+        };
+        let data = qtensor.data().map_err(|e| bad(e.to_string()))?;
+        QuantizedMatrix::from_ggml(dtype, rows, cols, &data, |r| order[r])
+            .map(Some)
+            .map_err(|e| bad(e.to_string()))
+    }
+}
+
+impl GgufFile {
+    /// Writes a copy of this file to `out` whose decoder linear weights (`blk.N.attn_q.weight`,
+    /// `ffn_down`, ...) are re-quantized to `dtype`; metadata and every other tensor are copied
+    /// as stored. The copy is written to a temporary file and renamed into place, so `out` is
+    /// never half-written. Returns how many tensors were re-quantized.
+    pub fn write_requantized(
+        &mut self,
+        out: &Path,
+        dtype: candle_core::quantized::GgmlDType,
+    ) -> Result<usize> {
+        use candle_core::quantized::{gguf_file, QTensor};
+        let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        names.sort();
+        let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
+        let mut changed = 0;
+        for name in names {
+            let bad =
+                |what: String| Error::bad_file(&self.path, format!("tensor `{name}`: {what}"));
+            let stored = self
+                .content
+                .tensor(&mut self.reader, &name, &Device::Cpu)
+                .map_err(|e| bad(e.to_string()))?;
+            let linear = hf_name(&name)
+                .is_some_and(|h| h.starts_with("model.layers.") && h.ends_with("_proj.weight"));
+            let tensor = if linear && stored.dtype() != dtype {
+                let dense = stored
+                    .dequantize(&Device::Cpu)
+                    .map_err(|e| bad(e.to_string()))?;
+                changed += 1;
+                QTensor::quantize(&dense, dtype)
+                    .map_err(|e| bad(format!("cannot quantize to {dtype:?}: {e}")))?
+            } else {
+                stored
+            };
+            tensors.push((name, tensor));
+        }
+        let metadata: Vec<(&str, &Value)> = self
+            .content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let tmp = out.with_extension("gguf.partial");
+        let write = || -> std::io::Result<()> {
+            let file = File::create(&tmp)?;
+            let mut writer = std::io::BufWriter::new(file);
+            gguf_file::write(&mut writer, &metadata, &refs).map_err(std::io::Error::other)?;
+            let file = writer.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, out)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(out, e)
+        })?;
+        Ok(changed)
     }
 }
 

@@ -25,6 +25,7 @@ use super::prompt::{self, AttentionShape};
 use super::{gguf, hf, tokenizer, Mode, Model, TaskKind};
 use crate::ops::{self, Linear, RotaryEmbedding};
 use crate::params::{Param, ParamStore};
+use crate::quant::{QuantError, QuantFormat, QuantizeSpec, QuantizedMatrix};
 use crate::{Error, Result};
 
 /// Rotary tables are precomputed up to this many positions (or the model's own limit when
@@ -238,12 +239,22 @@ pub struct Llama {
 /// checking their shapes.
 struct Builder {
     weights: HashMap<String, Tensor>,
+    /// Linear weights already in quantized blocks (a GGUF file's own).
+    quantized: HashMap<String, Arc<QuantizedMatrix>>,
+    /// Quantize the decoder layers' dense linear weights to this format (QLoRA).
+    quantize: Option<QuantFormat>,
     params: ParamStore,
     source: String,
 }
 
 impl Builder {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Arc<Param>> {
+        let tensor = self.take_tensor(name, shape)?;
+        Ok(self.params.insert(name, tensor))
+    }
+
+    /// The f32, contiguous tensor `name`, checked against `shape`.
+    fn take_tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let tensor = self.weights.remove(name).ok_or_else(|| {
             Error::config(format!(
                 "{}: missing tensor `{name}` (expected shape {shape:?})",
@@ -262,11 +273,40 @@ impl Builder {
         } else {
             tensor.to_dtype(DType::F32)?
         };
-        Ok(self.params.insert(name, tensor.contiguous()?))
+        Ok(tensor.contiguous()?)
+    }
+
+    /// The weight of a decoder layer's linear: kept blocks, quantized at load, or dense.
+    fn linear_weight(&mut self, name: &str, out: usize, inp: usize) -> Result<Arc<Param>> {
+        if let Some(matrix) = self.quantized.remove(name) {
+            if matrix.dims() != (out, inp) {
+                return Err(Error::config(format!(
+                    "{}: tensor `{name}` has shape {:?}, the config implies [{out}, {inp}]",
+                    self.source,
+                    matrix.dims()
+                )));
+            }
+            return Ok(self.params.insert_quantized(name, matrix));
+        }
+        let Some(format) = self.quantize else {
+            return self.take(name, &[out, inp]);
+        };
+        let dense = self.take_tensor(name, &[out, inp])?;
+        match QuantizedMatrix::quantize(&dense, format) {
+            Ok(matrix) => Ok(self.params.insert_quantized(name, Arc::new(matrix))),
+            Err(QuantError::Shape(why)) => {
+                tracing::warn!(tensor = name, "kept in f32: {why}");
+                Ok(self.params.insert(name, dense))
+            }
+            Err(e) => Err(Error::config(format!(
+                "{}: cannot quantize `{name}` to {format}: {e}",
+                self.source
+            ))),
+        }
     }
 
     fn linear(&mut self, module: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let weight = self.take(&format!("{module}.weight"), &[out, inp])?;
+        let weight = self.linear_weight(&format!("{module}.weight"), out, inp)?;
         let bias = if bias {
             Some(self.take(&format!("{module}.bias"), &[out])?)
         } else {
@@ -284,6 +324,21 @@ impl Llama {
         weights: HashMap<String, Tensor>,
         source: &str,
     ) -> Result<Self> {
+        Self::from_parts(config, weights, HashMap::new(), None, source)
+    }
+
+    /// [`Llama::from_weights`] for a quantized base (QLoRA): the decoder layers' linear weights
+    /// come from `quantized` (blocks kept from a GGUF file) or, when `quantize` names a format,
+    /// are quantized from `weights` one at a time as the model is built. Weights whose shape the
+    /// format cannot block stay in f32 (with a warning). Embeddings, norms and the output head
+    /// stay f32.
+    pub fn from_parts(
+        config: LlamaConfig,
+        weights: HashMap<String, Tensor>,
+        quantized: HashMap<String, Arc<QuantizedMatrix>>,
+        quantize: Option<QuantFormat>,
+        source: &str,
+    ) -> Result<Self> {
         config
             .validate()
             .map_err(|m| Error::config(format!("{source}: {m}")))?;
@@ -292,6 +347,8 @@ impl Llama {
         let kv_width = c.num_key_value_heads * head_dim;
         let mut b = Builder {
             weights,
+            quantized,
+            quantize,
             params: ParamStore::new(),
             source: source.to_string(),
         };
@@ -361,7 +418,8 @@ impl Llama {
             b.weights.remove("lm_head.weight");
             Linear::new("lm_head", embed_tokens.clone(), None)
         } else {
-            b.linear("lm_head", c.vocab_size, hidden, false)?
+            let weight = b.take("lm_head.weight", &[c.vocab_size, hidden])?;
+            Linear::new("lm_head", weight, None)
         };
         let mut leftover: Vec<&String> = b
             .weights
@@ -448,11 +506,29 @@ impl Llama {
     /// Loads a Llama-family GGUF file: weights dequantized to f32 (q/k un-permuted to Hugging
     /// Face layout) and the tokenizer built from its metadata.
     pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+        Self::load_gguf_quantized(path, device, None)
+    }
+
+    /// [`Llama::load_gguf`] with the decoder layers' linear weights quantized (`quantize`):
+    /// `keep` holds them in the file's own ggml blocks, never dequantizing the whole model;
+    /// `nf4` / `q8_0` requantize them one at a time.
+    pub fn load_gguf_quantized(
+        path: &Path,
+        device: &Device,
+        quantize: Option<QuantizeSpec>,
+    ) -> Result<LoadedModel> {
         let mut file = gguf::GgufFile::open(path)?;
         let config = file.llama_config()?;
         let tok = tokenizer::from_gguf(&file)?;
-        let weights = file.load_hf_tensors(&config, device)?;
-        let model = Self::from_weights(config, weights, &path.display().to_string())?;
+        let keep = quantize == Some(QuantizeSpec::Keep);
+        let (weights, kept) = file.load_hf_weights(&config, device, keep)?;
+        let model = Self::from_parts(
+            config,
+            weights,
+            kept,
+            quantize.and_then(QuantizeSpec::target),
+            &path.display().to_string(),
+        )?;
         Ok(LoadedModel {
             max_positions: model.max_positions,
             model: Box::new(model),
@@ -465,6 +541,19 @@ impl Llama {
 
     /// Loads a Hugging Face Llama-family directory (`config.json`, safetensors, `tokenizer.json`).
     pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+        Self::load_hf_dir_quantized(dir, device, None)
+    }
+
+    /// [`Llama::load_hf_dir`] with the decoder layers' linear weights quantized to `nf4` or
+    /// `q8_0` as the model is built (`keep` is for GGUF files and is refused here).
+    pub fn load_hf_dir_quantized(
+        dir: &Path,
+        device: &Device,
+        quantize: Option<QuantizeSpec>,
+    ) -> Result<LoadedModel> {
+        if quantize == Some(QuantizeSpec::Keep) {
+            return Err(QuantizeSpec::keep_refused(dir));
+        }
         let config_json = hf::read_config(dir)?;
         let mut config = LlamaConfig::from_hf_json(&config_json, &dir.join("config.json"))?;
         let weights = hf::load_weights(dir, device)?;
@@ -473,7 +562,13 @@ impl Llama {
         let tokenizer = hf::load_tokenizer(dir)?;
         let special = hf::special_tokens_from_dir(dir, &tokenizer)?;
         let chat_template = hf::chat_template_from_dir(dir)?;
-        let model = Self::from_weights(config, weights, &dir.display().to_string())?;
+        let model = Self::from_parts(
+            config,
+            weights,
+            HashMap::new(),
+            quantize.and_then(QuantizeSpec::target),
+            &dir.display().to_string(),
+        )?;
         Ok(LoadedModel {
             max_positions: model.max_positions,
             model: Box::new(model),

@@ -52,6 +52,11 @@ pub struct ModelSpec {
     /// `config.json` (`hidden_dropout_prob`).
     #[serde(default)]
     pub dropout: Option<f32>,
+    /// Hold the frozen linear layers quantized while fine-tuning (QLoRA): `"nf4"` (NF4 with
+    /// double quantization) or `"q8_0"`, made at load, or `"keep"` for a GGUF file's own blocks.
+    /// Absent: f32 weights.
+    #[serde(default)]
+    pub quantize: Option<crate::quant::QuantizeSpec>,
 }
 
 fn default_num_labels() -> usize {
@@ -114,7 +119,7 @@ pub fn load(spec: &ModelSpec, device: &candle_core::Device, seed: u64) -> Result
             ));
         }
         require_causal_lm(spec, &path)?;
-        Llama::load_gguf(&path, device)?
+        Llama::load_gguf_quantized(&path, device, spec.quantize)?
     } else {
         let config = hf::read_config(&path)?;
         let model_type = config
@@ -123,7 +128,7 @@ pub fn load(spec: &ModelSpec, device: &candle_core::Device, seed: u64) -> Result
             .unwrap_or_default();
         if LLAMA_TYPES.contains(&model_type) {
             require_causal_lm(spec, &path)?;
-            Llama::load_hf_dir(&path, device)?
+            Llama::load_hf_dir_quantized(&path, device, spec.quantize)?
         } else if BERT_TYPES.contains(&model_type) {
             bert::load_hf_dir(&path, spec, device, seed)?
         } else {
@@ -201,6 +206,7 @@ impl ModelSpec {
             num_labels: default_num_labels(),
             pooling: Pooling::default(),
             dropout: None,
+            quantize: None,
         }
     }
 }

@@ -128,11 +128,13 @@ impl Linear {
 
     /// The module without its hook: `x Wᵀ + b` over the base weights only.
     pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.weight.tensor();
-        let y = if self.weight.is_trainable() {
+        let y = if let Some(q) = self.weight.quantized_matrix() {
+            super::quantized_linear(x, &q)?
+        } else if self.weight.is_trainable() {
+            let w = self.weight.tensor();
             x.broadcast_matmul(&w.t()?)?
         } else {
-            frozen_linear(x, &w)?
+            frozen_linear(x, &self.weight.tensor())?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.tensor()),
@@ -152,12 +154,23 @@ impl Linear {
 
     /// Input features.
     pub fn in_features(&self) -> candle_core::Result<usize> {
-        self.weight.tensor().dim(1)
+        self.weight_dim(1)
     }
 
     /// Output features.
     pub fn out_features(&self) -> candle_core::Result<usize> {
-        self.weight.tensor().dim(0)
+        self.weight_dim(0)
+    }
+
+    /// A dimension of the weight's shape (read without dequantizing a quantized weight).
+    fn weight_dim(&self, i: usize) -> candle_core::Result<usize> {
+        self.weight.dims().get(i).copied().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "`{}`: the weight has shape {:?}, not [out, in]",
+                self.name,
+                self.weight.dims()
+            ))
+        })
     }
 
     /// Applies the layer to `x` of shape `[..., in]`, through its PEFT hook when one is

@@ -20,6 +20,7 @@ pub mod fused;
 mod linear;
 mod loss;
 mod norm;
+mod quantized_linear;
 mod rope;
 
 pub use activation::{gelu, gelu_tanh, silu, swiglu};
@@ -29,6 +30,7 @@ pub use dropout::dropout;
 pub use linear::{frozen_linear, Linear};
 pub use loss::{causal_lm_loss, cross_entropy, IGNORE_INDEX};
 pub use norm::{layer_norm, rms_norm};
+pub use quantized_linear::quantized_linear;
 pub use rope::{rope, RotaryEmbedding};
 
 /// Softmax over the last dimension: the fused CPU kernel for f32/f64 CPU tensors, the composed

@@ -66,7 +66,7 @@ pub(crate) fn model_device(model: &dyn Model) -> Device {
         .params()
         .iter()
         .next()
-        .map(|p| p.tensor().device().clone())
+        .map(|p| p.device())
         .unwrap_or(Device::Cpu)
 }
 

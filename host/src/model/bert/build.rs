@@ -12,6 +12,7 @@ use rand::Rng;
 use super::config::BertConfig;
 use crate::ops::{self, Linear};
 use crate::params::{Param, ParamStore};
+use crate::quant::{QuantError, QuantFormat, QuantizedMatrix};
 use crate::{Error, Result};
 
 /// A LayerNorm over shared weight and bias params.
@@ -123,6 +124,8 @@ pub(super) fn normal_vec(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
 pub(super) struct Builder<'a> {
     pub(super) store: ParamStore,
     pub(super) source: &'a mut dyn Source,
+    /// Quantize the encoder's linear weights to this format as they are read (QLoRA).
+    pub(super) quantize: Option<QuantFormat>,
 }
 
 impl Builder<'_> {
@@ -133,6 +136,30 @@ impl Builder<'_> {
 
     pub(super) fn linear(&mut self, module: &str, out: usize, inp: usize) -> Result<Linear> {
         let weight = self.param(&format!("{module}.weight"), &[out, inp])?;
+        let bias = self.param(&format!("{module}.bias"), &[out])?;
+        Ok(Linear::new(module, weight, Some(bias)))
+    }
+
+    /// A linear of the encoder: its weight quantized when the builder quantizes (a weight whose
+    /// shape the format cannot block stays f32, with a warning), its bias f32.
+    fn encoder_linear(&mut self, module: &str, out: usize, inp: usize) -> Result<Linear> {
+        let Some(format) = self.quantize else {
+            return self.linear(module, out, inp);
+        };
+        let name = format!("{module}.weight");
+        let dense = self.source.tensor(&name, &[out, inp])?;
+        let weight = match QuantizedMatrix::quantize(&dense, format) {
+            Ok(matrix) => self.store.insert_quantized(&name, Arc::new(matrix)),
+            Err(QuantError::Shape(why)) => {
+                tracing::warn!(tensor = name.as_str(), "kept in f32: {why}");
+                self.store.insert(&name, dense)
+            }
+            Err(e) => {
+                return Err(Error::config(format!(
+                    "cannot quantize `{name}` to {format}: {e}"
+                )))
+            }
+        };
         let bias = self.param(&format!("{module}.bias"), &[out])?;
         Ok(Linear::new(module, weight, Some(bias)))
     }
@@ -163,21 +190,25 @@ impl Builder<'_> {
         for i in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             layers.push(Layer {
-                query: self.linear(&format!("{p}.attention.self.query"), h, h)?,
-                key: self.linear(&format!("{p}.attention.self.key"), h, h)?,
-                value: self.linear(&format!("{p}.attention.self.value"), h, h)?,
-                attn_out: self.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                query: self.encoder_linear(&format!("{p}.attention.self.query"), h, h)?,
+                key: self.encoder_linear(&format!("{p}.attention.self.key"), h, h)?,
+                value: self.encoder_linear(&format!("{p}.attention.self.value"), h, h)?,
+                attn_out: self.encoder_linear(&format!("{p}.attention.output.dense"), h, h)?,
                 attn_norm: self.layer_norm(
                     &format!("{p}.attention.output.LayerNorm"),
                     h,
                     c.layer_norm_eps,
                 )?,
-                intermediate: self.linear(
+                intermediate: self.encoder_linear(
                     &format!("{p}.intermediate.dense"),
                     c.intermediate_size,
                     h,
                 )?,
-                output: self.linear(&format!("{p}.output.dense"), h, c.intermediate_size)?,
+                output: self.encoder_linear(
+                    &format!("{p}.output.dense"),
+                    h,
+                    c.intermediate_size,
+                )?,
                 out_norm: self.layer_norm(&format!("{p}.output.LayerNorm"), h, c.layer_norm_eps)?,
             });
         }
