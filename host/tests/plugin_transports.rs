@@ -373,3 +373,45 @@ fn a_core_module_is_refused_with_a_hint() {
         "{err}"
     );
 }
+
+#[test]
+fn forged_and_freed_handles_are_plugin_errors_not_host_panics() {
+    let Some(manifest) = built() else { return };
+    for (fail, what) in [("forge", "never given out"), ("freed", "already released")] {
+        let plugin = Plugin::load(manifest, TransportKind::Wasm).unwrap();
+        let t = plugin.transport.as_ref();
+        let (_s, id) = attach(t, &format!(r#"{{"fail": "{fail}"}}"#));
+        let (x, base) = inputs();
+        let (_, call, message) = plugin_error(t.forward_linear(id, Q, &x, &base).unwrap_err());
+        assert_eq!(call, "forward-linear", "{fail}");
+        assert!(message.contains("handle"), "{fail} ({what}): {message}");
+        // The host is unharmed and the plugin still answers.
+        let (_s2, id2) = attach(t, "{}");
+        t.forward_linear(id2, Q, &x, &base).unwrap();
+    }
+}
+
+#[test]
+fn a_wrongly_shaped_output_is_refused_naming_the_hook() {
+    use whetstone_host::model::llama::Llama;
+    use whetstone_host::model::{Mode, Model};
+    use whetstone_host::plugin::conformance::tiny_config;
+    use whetstone_host::plugin::method::MethodAdapter;
+    let Some(manifest) = built() else { return };
+    let model = Llama::random(&tiny_config(), &Device::Cpu, 3).unwrap();
+    let plugin = Plugin::load(manifest, TransportKind::Wasm).unwrap();
+    let config = serde_json::json!({"fail": "shape"});
+    let _adapter = MethodAdapter::attach(&model, plugin, "default", config, 1).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+    let mask = ids.ones_like().unwrap();
+    let err = model
+        .forward(&ids, &mask, Mode::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("plugin `echo`: forward-linear")
+            && err.contains("q_proj")
+            && err.contains("shape"),
+        "{err}"
+    );
+}

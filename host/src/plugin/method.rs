@@ -91,9 +91,24 @@ impl LinearHook for PluginLinear {
     fn forward(&self, x: &Tensor, base_out: &Tensor) -> Result<Tensor> {
         let a = &self.adapter;
         let _exclusive = a.enter();
-        a.plugin
+        let out = a
+            .plugin
             .transport
-            .forward_linear(a.instance, &self.module, x, base_out)
+            .forward_linear(a.instance, &self.module, x, base_out)?;
+        // A wrong shape would otherwise broadcast silently or fail far from its cause.
+        if out.dims() != base_out.dims() {
+            return Err(Error::plugin(
+                a.plugin.id(),
+                "forward-linear",
+                format!(
+                    "returned a tensor of shape {:?} for `{}`, whose output has shape {:?}",
+                    out.dims(),
+                    self.module,
+                    base_out.dims()
+                ),
+            ));
+        }
+        Ok(out)
     }
 }
 
