@@ -40,7 +40,8 @@ pub enum Format {
 }
 
 impl Format {
-    fn quant_format(self) -> QuantFormat {
+    /// The host's format.
+    pub fn quant_format(self) -> QuantFormat {
         match self {
             Format::Nf4 => QuantFormat::Nf4,
             Format::Q8_0 => QuantFormat::Ggml(GgmlDType::Q8_0),
@@ -89,10 +90,9 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             report.mean_abs_weight,
             report.max_abs_error,
             report.bits_per_value,
-            if report.skipped.is_empty() {
-                String::new()
-            } else {
-                format!(", {} skipped", report.skipped.len())
+            match &report.skip_reason {
+                None => String::new(),
+                Some(why) => format!(", {} skipped (e.g. {why})", report.skipped),
             }
         );
         reports.push(report);

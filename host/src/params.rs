@@ -176,6 +176,27 @@ impl Param {
         Ok(())
     }
 
+    /// Holds a frozen parameter as `value`'s quantized blocks from now on (re-quantizing a
+    /// merged model). The shapes must match; a trainable parameter is refused.
+    pub fn set_quantized(&self, value: Arc<QuantizedMatrix>) -> Result<()> {
+        let (rows, cols) = value.dims();
+        if self.dims() != [rows, cols] {
+            return Err(Error::config(format!(
+                "parameter `{}` has shape {:?}, the quantized value [{rows}, {cols}]",
+                self.name,
+                self.dims()
+            )));
+        }
+        if self.is_trainable() {
+            return Err(Error::config(format!(
+                "parameter `{}` is training: freeze it before quantizing it",
+                self.name
+            )));
+        }
+        self.write(State::Quantized(value));
+        Ok(())
+    }
+
     /// Number of scalar elements.
     pub fn elem_count(&self) -> usize {
         self.dims().iter().product()

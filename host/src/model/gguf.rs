@@ -294,18 +294,33 @@ impl GgufFile {
 impl GgufFile {
     /// Writes a copy of this file to `out` whose decoder linear weights (`blk.N.attn_q.weight`,
     /// `ffn_down`, ...) are re-quantized to `dtype`; metadata and every other tensor are copied
-    /// as stored. The copy is written to a temporary file and renamed into place, so `out` is
-    /// never half-written. Returns how many tensors were re-quantized.
+    /// as stored. Returns how many linear weights were written in `dtype`.
     pub fn write_requantized(
         &mut self,
         out: &Path,
         dtype: candle_core::quantized::GgmlDType,
     ) -> Result<usize> {
+        self.write_with_values(out, dtype, &|_| None)
+    }
+
+    /// [`GgufFile::write_requantized`] with new values: a tensor for which `value_of` (asked
+    /// with the Hugging Face name) gives one is written with that value — in the Hugging Face
+    /// layout the host uses, so q/k rows are permuted back to llama.cpp's order — in `dtype`
+    /// for a decoder linear weight and in its stored type otherwise (a merged model written
+    /// over its source file). The file is written to a temporary name, synced and renamed into
+    /// place, so `out` is never half-written.
+    pub fn write_with_values(
+        &mut self,
+        out: &Path,
+        dtype: candle_core::quantized::GgmlDType,
+        value_of: &dyn Fn(&str) -> Option<Tensor>,
+    ) -> Result<usize> {
         use candle_core::quantized::{gguf_file, QTensor};
+        let config = self.llama_config()?;
         let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
         names.sort();
         let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
-        let mut changed = 0;
+        let mut linears = 0;
         for name in names {
             let bad =
                 |what: String| Error::bad_file(&self.path, format!("tensor `{name}`: {what}"));
@@ -313,18 +328,42 @@ impl GgufFile {
                 .content
                 .tensor(&mut self.reader, &name, &Device::Cpu)
                 .map_err(|e| bad(e.to_string()))?;
-            let linear = hf_name(&name)
+            let hf = hf_name(&name);
+            let linear = hf
+                .as_deref()
                 .is_some_and(|h| h.starts_with("model.layers.") && h.ends_with("_proj.weight"));
-            let tensor = if linear && stored.dtype() != dtype {
-                let dense = stored
-                    .dequantize(&Device::Cpu)
-                    .map_err(|e| bad(e.to_string()))?;
-                changed += 1;
-                QTensor::quantize(&dense, dtype)
-                    .map_err(|e| bad(format!("cannot quantize to {dtype:?}: {e}")))?
-            } else {
-                stored
+            let new_value = match hf.as_deref().and_then(value_of) {
+                Some(v) => {
+                    let v = v
+                        .to_dtype(candle_core::DType::F32)?
+                        .to_device(&Device::Cpu)?;
+                    let h = hf.as_deref().unwrap_or_default();
+                    Some(if h.contains("self_attn.q_proj.") {
+                        permute_qk(&v, config.num_attention_heads)?
+                    } else if h.contains("self_attn.k_proj.") {
+                        permute_qk(&v, config.num_key_value_heads)?
+                    } else {
+                        v
+                    })
+                }
+                None if linear && stored.dtype() != dtype => Some(
+                    stored
+                        .dequantize(&Device::Cpu)
+                        .map_err(|e| bad(e.to_string()))?,
+                ),
+                None => None,
             };
+            let tensor = match new_value {
+                Some(v) => {
+                    let target = if linear { dtype } else { stored.dtype() };
+                    QTensor::quantize(&v, target)
+                        .map_err(|e| bad(format!("cannot quantize to {target:?}: {e}")))?
+                }
+                None => stored,
+            };
+            if linear && tensor.dtype() == dtype {
+                linears += 1;
+            }
             tensors.push((name, tensor));
         }
         let metadata: Vec<(&str, &Value)> = self
@@ -347,7 +386,7 @@ impl GgufFile {
             let _ = std::fs::remove_file(&tmp);
             Error::io(out, e)
         })?;
-        Ok(changed)
+        Ok(linears)
     }
 }
 
@@ -400,6 +439,23 @@ pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
         .contiguous()?
         .reshape(dims)?;
     Ok(t)
+}
+
+/// llama.cpp's q/k row order from Hugging Face's (the inverse of [`unpermute_qk`]), as its
+/// conversion script does: `w.reshape(heads, 2, out/heads/2, in).swapaxes(1, 2)`.
+pub fn permute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let out = dims.first().copied().unwrap_or(0);
+    if n_heads == 0 || out % (2 * n_heads) != 0 {
+        return Err(Error::config(format!(
+            "cannot permute a q/k projection with {out} rows into {n_heads} heads of even size"
+        )));
+    }
+    let inner: usize = dims[1..].iter().product();
+    Ok(w.reshape((n_heads, 2, out / n_heads / 2, inner))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
 }
 
 /// Whether `path` looks like a GGUF file (by its magic number), for loaders that dispatch on the
@@ -458,6 +514,10 @@ mod tests {
             .unwrap()
             .reshape((out, inp))
             .unwrap();
+        assert_eq!(
+            permute_qk(&hf, heads).unwrap().to_vec2::<f32>().unwrap(),
+            permuted.to_vec2::<f32>().unwrap()
+        );
         assert_ne!(
             permuted.to_vec2::<f32>().unwrap(),
             hf.to_vec2::<f32>().unwrap()

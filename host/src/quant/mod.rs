@@ -14,6 +14,7 @@
 
 pub mod nf4;
 pub mod report;
+pub mod requantize;
 
 use std::borrow::Cow;
 
@@ -21,6 +22,12 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
 pub use nf4::Nf4Matrix;
+
+/// Whether QLoRA holds `linear`'s weight quantized: every linear layer except a
+/// classification head, which trains (PEFT's `modules_to_save`).
+pub fn holds_quantized(linear: &crate::ops::Linear) -> bool {
+    linear.name != "classifier"
+}
 
 /// Values per tile: 1 M (4 MB of scratch in f32).
 pub const TILE_ELEMENTS: usize = 1 << 20;
@@ -52,7 +59,14 @@ impl std::fmt::Display for QuantFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             QuantFormat::Nf4 => f.write_str("nf4"),
-            QuantFormat::Ggml(t) => f.write_str(&format!("{t:?}").to_lowercase()),
+            QuantFormat::Ggml(t) => {
+                // llama.cpp's spelling: Q4_1 → q4_1, Q4K → q4_k.
+                let name = format!("{t:?}").to_lowercase();
+                match name.strip_suffix('k') {
+                    Some(stem) if !stem.contains('_') => write!(f, "{stem}_k"),
+                    _ => f.write_str(&name),
+                }
+            }
         }
     }
 }
@@ -334,6 +348,20 @@ mod tests {
                 q.size_in_bytes()
             );
         }
+    }
+
+    #[test]
+    fn formats_are_named_as_llama_cpp_names_them() {
+        let names: Vec<String> = [
+            QuantFormat::Nf4,
+            QuantFormat::Ggml(GgmlDType::Q4_1),
+            QuantFormat::Ggml(GgmlDType::Q8_0),
+            QuantFormat::Ggml(GgmlDType::Q4K),
+        ]
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+        assert_eq!(names, ["nf4", "q4_1", "q8_0", "q4_k"]);
     }
 
     #[test]

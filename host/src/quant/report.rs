@@ -15,8 +15,10 @@ pub struct RoundTrip {
     pub format: String,
     /// Linear weights quantized.
     pub matrices: usize,
-    /// Weights the format cannot block (they would stay f32), with the reason.
-    pub skipped: Vec<String>,
+    /// Weights the format cannot block (they would stay f32).
+    pub skipped: usize,
+    /// Why the first of them was skipped.
+    pub skip_reason: Option<String>,
     /// Values in the quantized matrices.
     pub values: usize,
     /// Mean `|w − dequant(quant(w))|`.
@@ -35,7 +37,8 @@ pub fn round_trip(model: &dyn Model, format: QuantFormat) -> Result<RoundTrip> {
     let mut report = RoundTrip {
         format: format.to_string(),
         matrices: 0,
-        skipped: Vec::new(),
+        skipped: 0,
+        skip_reason: None,
         values: 0,
         mean_abs_error: 0.0,
         max_abs_error: 0.0,
@@ -44,8 +47,7 @@ pub fn round_trip(model: &dyn Model, format: QuantFormat) -> Result<RoundTrip> {
     };
     let (mut error_sum, mut weight_sum, mut bytes) = (0.0f64, 0.0f64, 0usize);
     for linear in model.linears() {
-        if linear.name == "classifier" {
-            // A classification head trains (PEFT's `modules_to_save`); QLoRA leaves it f32.
+        if !super::holds_quantized(linear) {
             continue;
         }
         let weight = linear.weight();
@@ -53,7 +55,10 @@ pub fn round_trip(model: &dyn Model, format: QuantFormat) -> Result<RoundTrip> {
         let matrix = match QuantizedMatrix::quantize(&dense, format) {
             Ok(m) => m,
             Err(QuantError::Shape(why)) => {
-                report.skipped.push(format!("{}: {why}", weight.name()));
+                report.skipped += 1;
+                report
+                    .skip_reason
+                    .get_or_insert_with(|| format!("{}: {why}", weight.name()));
                 continue;
             }
             Err(e) => {
