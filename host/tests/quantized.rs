@@ -264,9 +264,47 @@ fn smollm2_keeps_its_q4_1_blocks_and_requantizes_to_q8_0() {
         "Q8_0 is 8.5 bits per value, got {bits}"
     );
     // Q8_0 of Q4_1 values: close to them, not equal.
-    let diff = max_abs(&(logits(q8.model.as_ref()) - &want).unwrap());
+    let q8_logits = logits(q8.model.as_ref());
+    let diff = max_abs(&(&q8_logits - &want).unwrap());
     assert!(
         diff < 0.05 * max_abs(&want),
         "Q8_0 copy: logits differ by {diff}"
     );
+
+    // Written from the host's (Hugging Face layout) values instead, as `whet merge
+    // --requantize` does: the q/k rows go back to llama.cpp's order, so the file is the same.
+    let from_values = dir.path().join("from-values.gguf");
+    let params = dense.model.params();
+    let value_of = |name: &str| params.get(name).ok().map(|p| p.tensor());
+    GgufFile::open(&path)
+        .unwrap()
+        .write_with_values(&from_values, GgmlDType::Q8_0, &value_of)
+        .unwrap();
+    let again = Llama::load_gguf_quantized(&from_values, &d, Some(QuantizeSpec::Keep)).unwrap();
+    let diff = max_abs(&(logits(again.model.as_ref()) - &q8_logits).unwrap());
+    assert_eq!(diff, 0.0, "the same Q8_0 blocks either way");
+}
+
+/// `requantize_linears` holds a model's linears in blocks from then on, and `logit_error`
+/// measures what that changed.
+#[test]
+fn requantizing_a_model_in_place_and_measuring_it() {
+    use whetstone_host::quant::requantize::{logit_error, requantize_linears};
+    let model = Llama::from_weights(config(), random_weights(), "test").unwrap();
+    let d = Device::Cpu;
+    let ids = Tensor::new(&[[1u32, 5, 9, 14, 3, 22]], &d).unwrap();
+    let mask = ids.ones_like().unwrap();
+    let before = model.forward(&ids, &mask, Mode::Eval).unwrap();
+    assert_eq!(requantize_linears(&model, QuantFormat::Nf4).unwrap(), 2 * 7);
+    let held = model
+        .params()
+        .iter()
+        .filter(|p| p.quantized_matrix().is_some())
+        .count();
+    assert_eq!(held, 2 * 7);
+    let after = model.forward(&ids, &mask, Mode::Eval).unwrap();
+    let error = logit_error(&before, &after).unwrap();
+    assert_eq!(error.positions, 6);
+    assert!(error.max_abs > 0.0, "NF4 changes the weights");
+    assert!(error.mean_abs < 0.1 * error.reference_max_abs, "{error:?}");
 }
