@@ -76,14 +76,25 @@ impl CustomOp1 for FrozenLinear {
 /// `x · Wᵀ` for a frozen weight `[out, in]` and `x` of shape `[..., in]`; gradients flow to `x`
 /// only. The weight must be contiguous.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let op = FrozenLinear {
+        weight: weight.contiguous()?,
+    };
+    apply_to_rows(x, op, "frozen linear")
+}
+
+/// Applies a linear-like op on rows `[n, in]` to `x` of shape `[..., in]`: flattens the leading
+/// dims, records the op's backward only when `x` is tracked, and restores the leading dims.
+pub(super) fn apply_to_rows<C: CustomOp1 + Send + Sync + 'static>(
+    x: &Tensor,
+    op: C,
+    what: &str,
+) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_features = *dims
         .last()
-        .ok_or_else(|| candle_core::Error::Msg("frozen linear: scalar input".into()))?;
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: scalar input")))?;
     let rows = x.elem_count() / in_features.max(1);
     let x2 = x.reshape((rows, in_features))?.contiguous()?;
-    let weight = weight.contiguous()?;
-    let op = FrozenLinear { weight };
     let y = if x2.track_op() {
         x2.apply_op1(op)?
     } else {

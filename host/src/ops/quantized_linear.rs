@@ -90,24 +90,10 @@ pub fn quantized_linear(x: &Tensor, weight: &Arc<QuantizedMatrix>) -> candle_cor
             x.device().location()
         );
     }
-    let dims = x.dims().to_vec();
-    let in_features = *dims
-        .last()
-        .ok_or_else(|| candle_core::Error::Msg("quantized linear: scalar input".into()))?;
-    let rows = x.elem_count() / in_features.max(1);
-    let x2 = x.reshape((rows, in_features))?.contiguous()?;
     let op = QuantizedLinear {
         weight: weight.clone(),
     };
-    let y = if x2.track_op() {
-        x2.apply_op1(op)?
-    } else {
-        x2.apply_op1_no_bwd(&op)?
-    };
-    let mut out_dims = dims;
-    let last = out_dims.len() - 1;
-    out_dims[last] = weight.dims().0;
-    y.reshape(out_dims)
+    super::linear::apply_to_rows(x, op, "quantized linear")
 }
 
 #[cfg(test)]
