@@ -56,6 +56,10 @@ pub struct TrainArgs {
     /// default chunked loss (`training.chunked_lm_loss = false`), to compare the two.
     #[arg(long)]
     full_logits: bool,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations
+    /// (`training.gradient_checkpointing = true`).
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 /// Runs a `bench` subcommand and prints its JSON report on stdout.
@@ -89,6 +93,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let cfg = TrainingConfig {
         lr_scheduler: whetstone_host::train::schedule::SchedulerKind::Constant,
         chunked_lm_loss: !args.full_logits,
+        gradient_checkpointing: args.gradient_checkpointing,
         ..TrainingConfig::default()
     };
     let mut trainer = Trainer::with_method(model, adapter, &cfg, total_steps)
@@ -108,6 +113,7 @@ fn train(args: TrainArgs) -> Result<()> {
             _ => "full logits",
         }
         .into(),
+        gradient_checkpointing: args.gradient_checkpointing,
     };
     let counts = (trainer.num_trainable(), params.num_params());
     let report = bench_train(&bench, &device, counts, &mut |batch| {

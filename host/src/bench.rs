@@ -125,6 +125,8 @@ pub struct TrainBench {
     pub seed: u64,
     /// How the loss is computed (`"chunked"` or `"full logits"`), copied into the report.
     pub loss: String,
+    /// Whether decoder layers are recomputed in the backward pass, copied into the report.
+    pub gradient_checkpointing: bool,
 }
 
 /// The figures `whet bench train` prints as JSON.
@@ -134,6 +136,9 @@ pub struct TrainBenchReport {
     pub model: String,
     /// How the loss was computed (`"chunked"` or `"full logits"`).
     pub loss: String,
+    /// Whether decoder layers were recomputed in the backward pass instead of keeping their
+    /// activations.
+    pub gradient_checkpointing: bool,
     /// Examples per step.
     pub batch: usize,
     /// Tokens per example.
@@ -212,6 +217,7 @@ pub fn bench_train(
     Ok(TrainBenchReport {
         model: cfg.model.clone(),
         loss: cfg.loss.clone(),
+        gradient_checkpointing: cfg.gradient_checkpointing,
         batch: cfg.batch,
         seq: cfg.seq,
         steps: cfg.steps,
@@ -292,6 +298,7 @@ mod tests {
             task: TaskKind::CausalLm,
             seed: 0,
             loss: "chunked".into(),
+            gradient_checkpointing: false,
         };
         let mut calls = 0;
         let report = bench_train(&cfg, &Device::Cpu, (1, 2), &mut |b| {

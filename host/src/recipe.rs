@@ -275,6 +275,13 @@ pub struct TrainingConfig {
     /// gets the full logits. Default true.
     #[serde(default = "default_true")]
     pub chunked_lm_loss: bool,
+    /// Activation (gradient) checkpointing, Hugging Face's `gradient_checkpointing`: keep only
+    /// each decoder layer's input during the forward and recompute the layer in the backward
+    /// pass. Peak memory drops by nearly all the activations for the price of one more forward
+    /// per step (about a third more compute). Same gradients, dropout masks included. Llama-family
+    /// models; others train without it (with a warning). Default false.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Seed of the data order, the dropout masks and any random initialisation. The same seed
     /// gives the same loss sequence on CPU. Default 42.
     #[serde(default = "default_seed")]
@@ -373,6 +380,7 @@ impl Default for TrainingConfig {
             eval_every: None,
             eval_at_start: false,
             chunked_lm_loss: true,
+            gradient_checkpointing: false,
             seed: default_seed(),
             device: default_device(),
             log_every: default_log_every(),

@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::Mode;
+use crate::ops::CheckpointGrads;
 use crate::Result;
 
 /// Wraps one linear module: gets its input and frozen output, returns the module's output.
@@ -74,6 +75,8 @@ pub struct ForwardContext {
     model_hook: RwLock<Option<Arc<dyn ModelHook>>>,
     gradients: RwLock<Option<Arc<GradStore>>>,
     gradient_pass: AtomicBool,
+    checkpointing: AtomicBool,
+    checkpoint_grads: Arc<CheckpointGrads>,
 }
 
 impl Default for ForwardContext {
@@ -85,6 +88,8 @@ impl Default for ForwardContext {
             model_hook: RwLock::new(None),
             gradients: RwLock::new(None),
             gradient_pass: AtomicBool::new(false),
+            checkpointing: AtomicBool::new(false),
+            checkpoint_grads: Arc::default(),
         }
     }
 }
@@ -179,5 +184,45 @@ impl ForwardContext {
     pub fn with_rng<T>(&self, f: impl FnOnce(&mut StdRng) -> T) -> T {
         let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut rng)
+    }
+
+    /// Turns activation checkpointing on or off (`training.gradient_checkpointing`). Models that
+    /// support it drop their blocks' activations in training forwards and recompute them in the
+    /// backward pass; see [`crate::ops::checkpoint`].
+    pub fn set_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the forward about to run should checkpoint its blocks: checkpointing is on and the
+    /// forward trains (gradient passes keep their graphs, since their readers expect every
+    /// gradient in one store).
+    pub fn checkpoints_blocks(&self) -> bool {
+        self.checkpointing.load(Ordering::Relaxed)
+            && self.mode() == Mode::Train
+            && !self.in_gradient_pass()
+    }
+
+    /// Where checkpointed blocks put the gradients of their parameters during the backward pass;
+    /// whoever runs the backward merges them ([`CheckpointGrads::merge_into`]).
+    pub fn checkpoint_grads(&self) -> &Arc<CheckpointGrads> {
+        &self.checkpoint_grads
+    }
+
+    /// The generator's current state, to replay a block's random draws when it is recomputed.
+    pub fn rng_snapshot(&self) -> StdRng {
+        self.with_rng(|rng| rng.clone())
+    }
+
+    /// Runs `f` as a forward in `mode` with the generator at `snapshot`, then restores the mode
+    /// and the generator: a checkpointed block recomputed in the backward pass draws the same
+    /// dropout masks as in its forward.
+    pub fn replay<T>(&self, snapshot: &StdRng, mode: Mode, f: impl FnOnce() -> T) -> T {
+        let saved_mode = self.mode();
+        let saved_rng = self.with_rng(|rng| std::mem::replace(rng, snapshot.clone()));
+        self.set_mode(mode);
+        let out = f();
+        self.set_mode(saved_mode);
+        self.with_rng(|rng| *rng = saved_rng);
+        out
     }
 }

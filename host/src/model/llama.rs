@@ -21,7 +21,7 @@ use serde_json::Value;
 use super::generate::{CausalLm, KvCache};
 use super::hooks::ForwardContext;
 use super::load::LoadedModel;
-use super::prompt::{self, AttentionShape};
+use super::prompt::{self, AttentionShape, Prompted};
 use super::{gguf, hf, tokenizer, Mode, Model, TaskKind};
 use crate::ops::{self, Linear, RotaryEmbedding};
 use crate::params::{Param, ParamStore};
@@ -207,7 +207,65 @@ struct DecoderLayer {
     down_proj: Linear,
 }
 
+/// What every decoder layer of one forward shares: the head layout, the rotary table and
+/// position offset, and the additive attention mask.
+#[derive(Clone)]
+struct Attention {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+    rotary: RotaryEmbedding,
+    offset: usize,
+    bias: Option<Tensor>,
+}
+
 impl DecoderLayer {
+    /// The layer's output for `x` `[batch, len, hidden]`: attention (after the key/value
+    /// `prefix`, and the cached positions of layer `cache.1` when generating) and the MLP, each
+    /// on a residual branch.
+    fn forward(
+        &self,
+        x: &Tensor,
+        a: &Attention,
+        prefix: Option<(&Prompted, usize)>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (batch, len, _) = x.dims3()?;
+        let h = ops::rms_norm(x, &self.input_layernorm.tensor(), a.eps)?;
+        let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((batch, len, n, a.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = a
+            .rotary
+            .apply(&split(self.q_proj.forward(&h)?, a.heads)?, a.offset)?;
+        let k = a
+            .rotary
+            .apply(&split(self.k_proj.forward(&h)?, a.kv_heads)?, a.offset)?;
+        let v = split(self.v_proj.forward(&h)?, a.kv_heads)?;
+        let (k, v) = match prefix {
+            Some((prompted, i)) => prompted.prepend(i, k, v)?,
+            None => (k, v),
+        };
+        let (k, v) = match cache {
+            Some((cache, i)) => cache.append(i, &k, &v)?,
+            None => (k, v),
+        };
+        let n_rep = a.heads / a.kv_heads;
+        let k = ops::repeat_kv(&k, n_rep)?.contiguous()?;
+        let v = ops::repeat_kv(&v, n_rep)?.contiguous()?;
+        let attn = ops::scaled_dot_product_attention(&q, &k, &v, a.bias.as_ref())?;
+        let attn = attn
+            .transpose(1, 2)?
+            .reshape((batch, len, a.heads * a.head_dim))?;
+        let x = (x + self.o_proj.forward(&attn)?)?;
+        let h = ops::rms_norm(&x, &self.post_attention_layernorm.tensor(), a.eps)?;
+        let mlp = ops::swiglu(&self.gate_proj.forward(&h)?, &self.up_proj.forward(&h)?)?;
+        Ok((x + self.down_proj.forward(&mlp)?)?)
+    }
+
     fn linears(&self) -> [&Linear; 7] {
         [
             &self.q_proj,
@@ -647,44 +705,56 @@ impl Llama {
             }
             None => None,
         };
+        let attention = Attention {
+            heads,
+            kv_heads,
+            head_dim,
+            eps: c.rms_norm_eps,
+            rotary: self.rotary.clone(),
+            offset,
+            bias,
+        };
+        let checkpointing = cache.is_none() && self.ctx.checkpoints_blocks();
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = ops::rms_norm(&x, &layer.input_layernorm.tensor(), c.rms_norm_eps)?;
-            let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-                t.reshape((batch, len, n, head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let q = self
-                .rotary
-                .apply(&split(layer.q_proj.forward(&h)?, heads)?, offset)?;
-            let k = self
-                .rotary
-                .apply(&split(layer.k_proj.forward(&h)?, kv_heads)?, offset)?;
-            let v = split(layer.v_proj.forward(&h)?, kv_heads)?;
-            let (k, v) = match &prompted {
-                Some(p) => p.prepend(i, k, v)?,
-                None => (k, v),
-            };
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => cache.append(i, &k, &v)?,
-                None => (k, v),
-            };
-            let n_rep = heads / kv_heads;
-            let k = ops::repeat_kv(&k, n_rep)?.contiguous()?;
-            let v = ops::repeat_kv(&v, n_rep)?.contiguous()?;
-            let attn = ops::scaled_dot_product_attention(&q, &k, &v, bias.as_ref())?;
-            let attn = attn
-                .transpose(1, 2)?
-                .reshape((batch, len, heads * head_dim))?;
-            x = (x + layer.o_proj.forward(&attn)?)?;
-            let h = ops::rms_norm(&x, &layer.post_attention_layernorm.tensor(), c.rms_norm_eps)?;
-            let mlp = ops::swiglu(&layer.gate_proj.forward(&h)?, &layer.up_proj.forward(&h)?)?;
-            x = (x + layer.down_proj.forward(&mlp)?)?;
+            // A layer's prefix is an input of its own: such layers keep their graph.
+            let has_prefix = prompted
+                .as_ref()
+                .is_some_and(|p| p.prefixes.get(i).is_some());
+            if checkpointing && !has_prefix {
+                x = self.checkpointed_layer(layer, &attention, &x)?;
+                continue;
+            }
+            let prefix = prompted.as_ref().map(|p| (p, i));
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            x = layer.forward(&x, &attention, prefix, layer_cache)?;
         }
         if let Some(p) = &prompted {
             x = p.strip_virtual(x)?;
         }
         Ok(ops::rms_norm(&x, &self.norm.tensor(), c.rms_norm_eps)?)
+    }
+
+    /// A decoder layer whose activations are recomputed in the backward pass instead of kept
+    /// (`training.gradient_checkpointing`); the recompute replays the forward's mode and random
+    /// draws (dropout in a method's hooks).
+    fn checkpointed_layer(
+        &self,
+        layer: &DecoderLayer,
+        a: &Attention,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let snapshot = self.ctx.rng_snapshot();
+        let mode = self.ctx.mode();
+        let (layer2, a2, ctx) = (layer.clone(), a.clone(), self.ctx.clone());
+        let recompute: ops::Recompute = Box::new(move |x: &Tensor| {
+            ctx.replay(&snapshot, mode, || layer2.forward(x, &a2, None, None))
+        });
+        ops::checkpoint(
+            x,
+            self.ctx.checkpoint_grads(),
+            |x| layer.forward(x, a, None, None),
+            recompute,
+        )
     }
 
     /// Logits `[batch, seq, vocab]`: [`Llama::hidden_states`] through the output head.
@@ -715,6 +785,10 @@ impl Model for Llama {
 
     fn params(&self) -> &ParamStore {
         &self.params
+    }
+
+    fn supports_checkpointing(&self) -> bool {
+        true
     }
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor> {

@@ -122,6 +122,13 @@ pub trait Model: Send + Sync {
     /// uninterrupted one. Models without randomness ignore it.
     fn reseed(&self, _seed: u64) {}
 
+    /// Whether the model checkpoints its blocks when its forward context asks
+    /// ([`hooks::ForwardContext::set_checkpointing`]); such a model's callers merge
+    /// [`hooks::ForwardContext::checkpoint_grads`] after each backward pass.
+    fn supports_checkpointing(&self) -> bool {
+        false
+    }
+
     /// The training loss of a batch straight from `input_ids`, computed without materialising
     /// the logits (see [`crate::ops::linear_cross_entropy`]), equal in value and gradients to
     /// [`Model::forward`] followed by [`Model::loss`]; `None` when the model has no such path

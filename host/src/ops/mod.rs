@@ -13,6 +13,7 @@
 
 mod activation;
 mod attention;
+mod checkpoint;
 mod chunked_loss;
 pub mod composed;
 mod dropout;
@@ -25,6 +26,7 @@ mod rope;
 
 pub use activation::{gelu, gelu_tanh, silu, swiglu};
 pub use attention::{attention_bias, repeat_kv, scaled_dot_product_attention};
+pub use checkpoint::{checkpoint, CheckpointGrads, Recompute};
 pub use chunked_loss::linear_cross_entropy;
 pub use dropout::dropout;
 pub use linear::{frozen_linear, Linear};

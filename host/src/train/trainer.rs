@@ -114,6 +114,16 @@ impl Trainer {
                 model.architecture()
             )));
         }
+        if cfg.gradient_checkpointing && !model.supports_checkpointing() {
+            tracing::warn!(
+                architecture = model.architecture(),
+                "training.gradient_checkpointing is not supported by this architecture; it trains \
+                 with every activation kept"
+            );
+        }
+        model
+            .forward_context()
+            .set_checkpointing(cfg.gradient_checkpointing);
         let mut names = Vec::with_capacity(trainable.len());
         let mut slots = Vec::with_capacity(trainable.len());
         for param in &trainable {
@@ -269,6 +279,8 @@ impl Trainer {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0.0;
         let mut tokens = 0;
+        // Gradients a failed pass left behind must not reach this step.
+        ctx.checkpoint_grads().clear();
         for batch in micro_batches {
             let t0 = Instant::now();
             let mut loss = self.batch_loss(model, batch)?;
@@ -286,7 +298,8 @@ impl Trainer {
                 return Err(Error::NonFiniteLoss { step, value });
             }
             let t1 = Instant::now();
-            let store = (loss * scale)?.backward()?;
+            let mut store = (loss * scale)?.backward()?;
+            ctx.checkpoint_grads().merge_into(&mut store)?;
             for (slot, var) in grads.iter_mut().zip(&vars) {
                 let Some(var) = var else { continue };
                 if let Some(g) = store.get(var.as_tensor()) {
