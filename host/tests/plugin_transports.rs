@@ -415,3 +415,61 @@ fn a_wrongly_shaped_output_is_refused_naming_the_hook() {
         "{err}"
     );
 }
+
+/// A method whose loss term is NaN stops the step with an error naming the plugin and the
+/// `loss-term` hook, before any update, on both transports.
+#[test]
+fn a_nan_loss_term_is_refused_naming_the_hook() {
+    use whetstone_host::data::{collate, Example, ExampleLabels};
+    use whetstone_host::model::llama::Llama;
+    use whetstone_host::model::Model;
+    use whetstone_host::plugin::conformance::tiny_config;
+    use whetstone_host::plugin::method::MethodAdapter;
+    use whetstone_host::recipe::TrainingConfig;
+    use whetstone_host::train::Trainer;
+    let Some(manifest) = built() else { return };
+    let example = Example {
+        input_ids: vec![1, 2, 3, 4],
+        labels: ExampleLabels::Tokens(vec![1, 2, 3, 4]),
+    };
+    let batch = collate(&[&example], 0, &Device::Cpu).unwrap();
+    for kind in [TransportKind::Native, TransportKind::Wasm] {
+        let model = Llama::random(&tiny_config(), &Device::Cpu, 3).unwrap();
+        let plugin = Plugin::load(manifest, kind).unwrap();
+        let config = serde_json::json!({"fail": "nan"});
+        let adapter = MethodAdapter::attach(&model, plugin, "default", config, 1).unwrap();
+        adapter.activate(&model).unwrap();
+        let before: Vec<Vec<f32>> = adapter
+            .params()
+            .iter()
+            .map(|p| p.tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let mut trainer =
+            Trainer::with_method(&model, Some(adapter.clone()), &TrainingConfig::default(), 3)
+                .unwrap();
+        let err = trainer
+            .train_step(&model, std::slice::from_ref(&batch))
+            .unwrap_err();
+        let Error::Plugin {
+            plugin,
+            call,
+            message,
+        } = &err
+        else {
+            panic!("{kind:?}: not a plugin error: {err}");
+        };
+        assert_eq!(
+            (plugin.as_str(), call.as_str()),
+            ("echo", "loss-term"),
+            "{kind:?}"
+        );
+        assert!(message.contains("NaN"), "{kind:?}: {message}");
+        let after: Vec<Vec<f32>> = adapter
+            .params()
+            .iter()
+            .map(|p| p.tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        assert_eq!(before, after, "{kind:?}: no update after a refused step");
+        assert_eq!(trainer.step(), 0, "{kind:?}");
+    }
+}

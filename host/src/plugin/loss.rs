@@ -179,14 +179,41 @@ impl LossAdapter {
                 format!("returned a tensor of shape {:?}, not a scalar", loss.dims()),
             ));
         }
-        Ok(loss.reshape(())?)
+        let loss = loss.reshape(())?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() && all_finite(&a.logits)? {
+            return Err(Error::plugin(
+                self.plugin.id(),
+                "compute-loss",
+                format!("returned {value} for finite logits"),
+            ));
+        }
+        Ok(loss)
     }
+}
+
+/// Whether every element of `t` is finite: `x - x` is 0 for finite `x` and NaN (which is
+/// `!= 0`) for NaN and ±∞.
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let not_finite = t.sub(t)?.ne(0f64)?;
+    Ok(not_finite.flatten_all()?.max(0)?.to_scalar::<u8>()? == 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn all_finite_spots_nan_and_infinities() {
+        let d = Device::Cpu;
+        let finite = Tensor::new(&[[1f32, -2.5], [0.0, 3e38]], &d).unwrap();
+        assert!(all_finite(&finite).unwrap());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let t = Tensor::new(&[[1f32, bad], [0.0, 2.0]], &d).unwrap();
+            assert!(!all_finite(&t).unwrap(), "{bad}");
+        }
+    }
 
     #[test]
     fn causal_lm_batches_are_shifted_and_masked() {

@@ -284,18 +284,27 @@ impl Trainer {
         for batch in micro_batches {
             let t0 = Instant::now();
             let mut loss = self.batch_loss(model, batch)?;
-            if let Some(term) = self
-                .method
-                .as_ref()
-                .map(|m| m.loss_term())
-                .transpose()?
-                .flatten()
-            {
-                loss = loss.broadcast_add(&term.to_dtype(loss.dtype())?.reshape(())?)?;
-            }
-            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let mut value = scalar_value(&loss)?;
             if !value.is_finite() {
                 return Err(Error::NonFiniteLoss { step, value });
+            }
+            if let Some(method) = &self.method {
+                if let Some(term) = method.loss_term()? {
+                    let term = term.to_dtype(loss.dtype())?.reshape(())?;
+                    let term_value = scalar_value(&term)?;
+                    if !term_value.is_finite() {
+                        return Err(Error::plugin(
+                            method.plugin.id(),
+                            "loss-term",
+                            format!(
+                                "returned {term_value} at step {step} (the data loss was \
+                                 {value}); no update was made"
+                            ),
+                        ));
+                    }
+                    loss = (loss + term)?;
+                    value = scalar_value(&loss)?;
+                }
             }
             let t1 = Instant::now();
             let mut store = (loss * scale)?.backward()?;
@@ -388,4 +397,9 @@ impl Trainer {
             .load_state(&ckpt.optimizer, ckpt.state.step)
             .map_err(|e| Error::bad_file(&ckpt.dir, e.to_string()))
     }
+}
+
+/// The value of a scalar loss tensor, as f32.
+fn scalar_value(loss: &Tensor) -> Result<f32> {
+    Ok(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?)
 }
