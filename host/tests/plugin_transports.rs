@@ -422,7 +422,6 @@ fn a_wrongly_shaped_output_is_refused_naming_the_hook() {
 fn a_nan_loss_term_is_refused_naming_the_hook() {
     use whetstone_host::data::{collate, Example, ExampleLabels};
     use whetstone_host::model::llama::Llama;
-    use whetstone_host::model::Model;
     use whetstone_host::plugin::conformance::tiny_config;
     use whetstone_host::plugin::method::MethodAdapter;
     use whetstone_host::recipe::TrainingConfig;
@@ -471,5 +470,39 @@ fn a_nan_loss_term_is_refused_naming_the_hook() {
             .collect();
         assert_eq!(before, after, "{kind:?}: no update after a refused step");
         assert_eq!(trainer.step(), 0, "{kind:?}");
+    }
+}
+
+/// A component that imports WASI, another contract version or any interface outside the
+/// contract is refused at load, naming the import, before any of its code runs.
+#[test]
+fn imports_outside_the_contract_are_refused_naming_the_import() {
+    let dir = tempfile::tempdir().unwrap();
+    for (import, expected) in [
+        ("wasi:cli/environment@0.2.0", "no WASI"),
+        ("wasi:filesystem/preopens@0.2.0", "no WASI"),
+        (
+            "whetstone:plugin/host@0.1.0",
+            "(contract 0.1.0), this host speaks contract",
+        ),
+        ("evil:net/socket", "which Whetstone does not provide"),
+    ] {
+        let text = format!(
+            r#"(component
+                 (import "{import}" (instance (export "f" (func (result u32)))))
+               )"#
+        );
+        let path = dir.path().join("hostile.wasm");
+        std::fs::write(&path, wat::parse_str(&text).unwrap()).unwrap();
+        let err = WasmPlugin::load("hostile", &path, Limits::default())
+            .err()
+            .expect("a hostile component must not load")
+            .to_string();
+        assert!(
+            err.contains("plugin `hostile`: load")
+                && err.contains(&format!("`{import}`"))
+                && err.contains(expected),
+            "{import}: {err}"
+        );
     }
 }
