@@ -93,6 +93,24 @@ impl MetricsWriter {
 /// Reads a metrics file back (for plots and tests).
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_metrics(path, &text)
+}
+
+/// [`read_metrics`] for a file whose writer may have been killed: a last line without its
+/// newline (a record cut short) is dropped.
+pub fn read_complete_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
+    if complete.len() < text.len() {
+        tracing::warn!("{}: dropping a cut-short last record", path.display());
+    }
+    parse_metrics(path, complete)
+}
+
+fn parse_metrics(path: &Path, text: &str) -> Result<Vec<MetricsRecord>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -104,4 +122,31 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_short_last_record_is_dropped_only_when_reading_for_a_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut w = MetricsWriter::open(&path, false).unwrap();
+        let record = MetricsRecord::Eval {
+            step: 3,
+            epoch: 0,
+            loss: 0.5,
+            accuracy: Some(0.75),
+            perplexity: None,
+            examples: 8,
+        };
+        w.write(&record).unwrap();
+        drop(w);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"kind\":\"train\",\"st");
+        std::fs::write(&path, text).unwrap();
+        assert!(read_metrics(&path).is_err());
+        assert_eq!(read_complete_metrics(&path).unwrap(), vec![record]);
+    }
 }

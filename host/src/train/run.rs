@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::checkpoint::{self, LossPoint, TrainerState};
 use super::eval::{evaluate, EvalMetrics};
-use super::metrics::{read_metrics, MetricsRecord, MetricsWriter};
+use super::metrics::{read_complete_metrics, MetricsRecord, MetricsWriter};
 use super::plot::plot_losses;
 use super::progress::Progress;
 use super::trainer::{Objective, StepStats, Trainer};
@@ -578,7 +578,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     if !path.is_file() {
         return Ok(());
     }
-    let kept: Vec<MetricsRecord> = read_metrics(path)?
+    let kept: Vec<MetricsRecord> = read_complete_metrics(path)?
         .into_iter()
         .filter(|r| match r {
             MetricsRecord::Train { step: s, .. } | MetricsRecord::Eval { step: s, .. } => {
