@@ -15,7 +15,8 @@
 //! - [`assets`]: fetching and verifying the real models and datasets;
 //! - [`plugin`]: PEFT methods, losses and data loaders as native or WebAssembly plugins;
 //! - [`bench`](mod@bench): measured figures (step time, tokens/s, peak RSS);
-//! - [`session`]: an open session for programs that embed the host (the C ABI builds on it).
+//! - [`session`]: an open session for programs that embed the host (the C ABI builds on it);
+//! - [`fuzzing`]: the readers of untrusted files, as fuzz targets take them.
 
 pub mod adapter;
 pub mod assets;
@@ -23,6 +24,7 @@ pub mod bench;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod fuzzing;
 pub mod model;
 pub mod ops;
 pub mod params;

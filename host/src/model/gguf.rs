@@ -39,6 +39,45 @@ impl std::fmt::Debug for GgufFile {
     }
 }
 
+/// Checks that every tensor of the directory has a shape whose size is representable and a
+/// whole number of blocks, and lies inside the file: reads of the tensors are then safe.
+fn check_tensor_directory(content: &Content, file_len: u64) -> std::result::Result<(), String> {
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        let elems = dims
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| format!("tensor `{name}` has an impossible shape {dims:?}"))?;
+        let block = info.ggml_dtype.block_size();
+        if !elems.is_multiple_of(block) {
+            return Err(format!(
+                "tensor `{name}`: {elems} values are not a whole number of {:?} blocks of {block}",
+                info.ggml_dtype
+            ));
+        }
+        let end = (elems / block)
+            .checked_mul(info.ggml_dtype.type_size())
+            .and_then(|bytes| u64::try_from(bytes).ok())
+            .and_then(|bytes| {
+                content
+                    .tensor_data_offset
+                    .checked_add(info.offset)?
+                    .checked_add(bytes)
+            });
+        match end {
+            Some(end) if end <= file_len => {}
+            _ => {
+                return Err(format!(
+                    "tensor `{name}` (shape {dims:?}, {:?}) extends past the end of the file \
+                     ({file_len} bytes); the file is truncated or corrupt",
+                    info.ggml_dtype
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 impl GgufFile {
     /// Opens `path` and parses its header (metadata and tensor directory; no tensor data yet).
     pub fn open(path: &Path) -> Result<Self> {
@@ -46,11 +85,25 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader)
             .map_err(|e| Error::bad_file(path, format!("not a valid GGUF file: {e}")))?;
+        let file_len = reader
+            .get_ref()
+            .metadata()
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        check_tensor_directory(&content, file_len)
+            .map_err(|m| Error::bad_file(path, format!("not a valid GGUF file: {m}")))?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
             reader,
         })
+    }
+
+    /// The names of the file's tensors, sorted.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// The file this was read from.
@@ -164,7 +217,7 @@ impl GgufFile {
             10_000.0
         };
         let has = |name: &str| self.content.tensor_infos.contains_key(name);
-        Ok(LlamaConfig {
+        let config = LlamaConfig {
             hidden_size,
             intermediate_size: self.uint(&key("feed_forward_length"))? as usize,
             num_hidden_layers: self.uint(&key("block_count"))? as usize,
@@ -176,7 +229,11 @@ impl GgufFile {
             vocab_size,
             tie_word_embeddings: !has("output.weight"),
             attention_bias: has("blk.0.attn_q.bias"),
-        })
+        };
+        config
+            .validate()
+            .map_err(|m| Error::bad_file(&self.path, m))?;
+        Ok(config)
     }
 
     /// Reads one tensor and dequantizes it to f32 on `device`.
