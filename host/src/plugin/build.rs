@@ -398,13 +398,16 @@ pub fn build(crate_dir: &Path, opts: &BuildOptions) -> Result<Manifest> {
             .file_name()
             .map(PathBuf::from)
             .ok_or_else(|| fail(&id, format!("odd library path {}", lib.display())))?;
-        install(&read(lib)?, &out_dir.join(&name))?;
+        let bytes = read(lib)?;
+        install(&bytes, &out_dir.join(&name))?;
         artifacts.native = Some(name);
+        artifacts.native_sha256 = Some(sha256_hex(&bytes));
     }
     if let Some(component) = &wasm {
         let name = PathBuf::from(format!("{id}.wasm"));
         install(component, &out_dir.join(&name))?;
         artifacts.wasm = Some(name);
+        artifacts.wasm_sha256 = Some(sha256_hex(component));
     }
     let mut manifest = Manifest {
         id: id.clone(),
@@ -463,4 +466,13 @@ mod tests {
             .to_string();
         assert!(err.contains("not a crate"), "{err}");
     }
+}
+
+/// The sha256 of `bytes` in lower-case hex (the manifest's artifact pins).
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

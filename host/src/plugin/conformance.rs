@@ -431,6 +431,7 @@ mod tests {
             artifacts: Artifacts {
                 native: native.then(|| PathBuf::from("libm.so")),
                 wasm: wasm.then(|| PathBuf::from("m.wasm")),
+                ..Artifacts::default()
             },
             limits: Limits::default(),
             dir: PathBuf::from("/nowhere"),

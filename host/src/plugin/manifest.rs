@@ -11,6 +11,10 @@
 //! [artifacts]          # paths relative to this file; at least one
 //! native = "liblora.so"
 //! wasm = "lora.wasm"
+//! # Optional pins (`whet plugin build` writes them): the host refuses an artifact whose
+//! # sha256 differs.
+//! native_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+//! wasm_sha256 = "..."
 //!
 //! [limits]             # WebAssembly only
 //! memory_mb = 256
@@ -37,6 +41,12 @@ pub struct Artifacts {
     /// The WebAssembly component (`.wasm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wasm: Option<PathBuf>,
+    /// The sha256 (hex) the native library must have; checked before it is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native_sha256: Option<String>,
+    /// The sha256 (hex) the component must have; checked before it is compiled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm_sha256: Option<String>,
 }
 
 /// Resource limits for a WebAssembly plugin.
@@ -119,6 +129,29 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// The path of artifact `relative`, after checking it against `pin` (a sha256 in hex) when
+    /// the manifest pins one.
+    pub fn verified_artifact(&self, relative: &Path, pin: Option<&str>) -> Result<PathBuf> {
+        let path = self.artifact(relative);
+        let Some(pin) = pin else {
+            return Ok(path);
+        };
+        let actual = crate::assets::sha256_file(&path)?;
+        if !actual.eq_ignore_ascii_case(pin.trim()) {
+            return Err(Error::plugin(
+                &self.id,
+                "load",
+                format!(
+                    "{} has sha256 {actual}, but {} pins {pin}: the artifact changed since the \
+                     manifest was written; restore it, or rebuild with `whet plugin build`",
+                    path.display(),
+                    self.dir.join(MANIFEST_FILE).display()
+                ),
+            ));
+        }
+        Ok(path)
+    }
+
     /// Writes the manifest to `dir/plugin.toml`.
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
         let file = dir.join(MANIFEST_FILE);
@@ -139,6 +172,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pinned_artifact_must_match_its_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("liblora.so"), b"the library").unwrap();
+        let actual = crate::assets::sha256_file(&dir.path().join("liblora.so")).unwrap();
+        let mut m = Manifest {
+            id: "lora".into(),
+            version: "0.1.0".into(),
+            kinds: vec![PluginKind::Method],
+            sdk_version: "0.1.0".into(),
+            contract: whetstone_sdk::CONTRACT_VERSION.to_string(),
+            description: String::new(),
+            artifacts: Artifacts {
+                native: Some("liblora.so".into()),
+                native_sha256: Some(actual.to_uppercase()),
+                ..Artifacts::default()
+            },
+            limits: Limits::default(),
+            dir: dir.path().to_path_buf(),
+        };
+        m.write(dir.path()).unwrap();
+        let m2 = Manifest::read(dir.path()).unwrap();
+        assert_eq!(m2.artifacts.native_sha256, m.artifacts.native_sha256);
+        let lib = Path::new("liblora.so");
+        let pin = m.artifacts.native_sha256.clone();
+        assert_eq!(
+            m.verified_artifact(lib, pin.as_deref()).unwrap(),
+            dir.path().join("liblora.so")
+        );
+        // The file is swapped after the manifest was written.
+        std::fs::write(dir.path().join("liblora.so"), b"something else").unwrap();
+        let err = m
+            .verified_artifact(lib, pin.as_deref())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("plugin `lora`: load")
+                && err.contains("pins")
+                && err.contains(&actual.to_uppercase()),
+            "{err}"
+        );
+        // No pin, no check.
+        m.artifacts.native_sha256 = None;
+        m.verified_artifact(lib, None).unwrap();
+    }
+
+    #[test]
     fn manifest_round_trip_and_missing_artifacts_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let m = Manifest {
@@ -150,7 +229,7 @@ mod tests {
             description: String::new(),
             artifacts: Artifacts {
                 native: Some("liblora.so".into()),
-                wasm: None,
+                ..Artifacts::default()
             },
             limits: Limits::default(),
             dir: PathBuf::new(),

@@ -127,13 +127,16 @@ impl Plugin {
             match (kind, &a.native, &a.wasm) {
                 (TransportKind::Native | TransportKind::Auto, Some(lib), _) => (
                     TransportKind::Native,
-                    native::NativePlugin::load(id, &manifest.artifact(lib))?,
+                    native::NativePlugin::load(
+                        id,
+                        &manifest.verified_artifact(lib, a.native_sha256.as_deref())?,
+                    )?,
                 ),
                 (TransportKind::Wasm | TransportKind::Auto, _, Some(wasm)) => (
                     TransportKind::Wasm,
                     Arc::new(wasm::WasmPlugin::load(
                         id,
-                        &manifest.artifact(wasm),
+                        &manifest.verified_artifact(wasm, a.wasm_sha256.as_deref())?,
                         manifest.limits,
                     )?),
                 ),
