@@ -494,10 +494,10 @@ fn imports_outside_the_contract_are_refused_naming_the_import() {
         );
         let path = dir.path().join("hostile.wasm");
         std::fs::write(&path, wat::parse_str(&text).unwrap()).unwrap();
-        let err = WasmPlugin::load("hostile", &path, Limits::default())
-            .err()
-            .expect("a hostile component must not load")
-            .to_string();
+        let Err(err) = WasmPlugin::load("hostile", &path, Limits::default()) else {
+            panic!("{import}: a hostile component must not load");
+        };
+        let err = err.to_string();
         assert!(
             err.contains("plugin `hostile`: load")
                 && err.contains(&format!("`{import}`"))

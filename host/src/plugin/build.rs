@@ -447,6 +447,15 @@ fn built_metadata(manifest: &Manifest) -> Result<Metadata> {
     Ok(metadata)
 }
 
+/// The sha256 of `bytes` in lower-case hex (the manifest's artifact pins).
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,13 +475,4 @@ mod tests {
             .to_string();
         assert!(err.contains("not a crate"), "{err}");
     }
-}
-
-/// The sha256 of `bytes` in lower-case hex (the manifest's artifact pins).
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
