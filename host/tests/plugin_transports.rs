@@ -509,3 +509,20 @@ fn imports_outside_the_contract_are_refused_naming_the_import() {
         );
     }
 }
+
+/// A panic inside a native plugin's entry point becomes an error naming the call (the SDK
+/// catches it at the C boundary), never an abort of the host; the host and the plugin's other
+/// instances keep working.
+#[test]
+fn a_native_panic_is_an_error_not_an_abort() {
+    let Some(manifest) = built() else { return };
+    let plugin = Plugin::load(manifest, TransportKind::Native).unwrap();
+    let t = plugin.transport.as_ref();
+    let (_s, id) = attach(t, r#"{"fail": "panic"}"#);
+    let (x, base) = inputs();
+    let (_, call, message) = plugin_error(t.forward_linear(id, Q, &x, &base).unwrap_err());
+    assert_eq!(call, "forward-linear");
+    assert!(message.contains("echo was told to panic"), "{message}");
+    let (_s2, healthy) = attach(t, "{}");
+    t.forward_linear(healthy, Q, &x, &base).unwrap();
+}
