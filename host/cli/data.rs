@@ -45,6 +45,10 @@ pub struct PreviewArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// A plugin manifest (`plugin.toml` or its folder) to search, before the recipe's `plugins`
+    /// and the plugin directory, for a `[data.loader]` plugin (repeatable).
+    #[arg(long = "plugin", value_name = "PATH")]
+    plugins: Vec<PathBuf>,
 }
 
 /// Runs `whet data ...`.
@@ -81,8 +85,10 @@ fn preview(args: PreviewArgs) -> Result<()> {
     let device = candle_core::Device::Cpu;
     let loaded = whetstone_host::model::load::load(&recipe.model, &device, recipe.training.seed)
         .context("loading the recipe's model (for its tokenizer and chat template)")?;
-    let data =
-        whetstone_host::data::prepare(&recipe.data, &loaded).context("preparing the data")?;
+    let mut plugins = args.plugins.clone();
+    plugins.extend(recipe.plugins.iter().cloned());
+    let data = whetstone_host::data::prepare_with_plugins(&recipe.data, &loaded, &plugins)
+        .context("preparing the data")?;
     let examples = match args.split {
         Split::Train => &data.train,
         Split::Validation => &data.validation,

@@ -158,7 +158,7 @@ pub fn evaluate_adapter(recipe: &Recipe, adapter: &AdapterOptions) -> Result<Eva
 fn evaluate_loaded(recipe: &Recipe, loaded: &LoadedModel) -> Result<EvalMetrics> {
     let device = recipe.training.device()?;
     let model = loaded.model.as_ref();
-    let data = whetstone_host::data::prepare(&recipe.data, loaded)?;
+    let data = whetstone_host::data::prepare_with_plugins(&recipe.data, loaded, &recipe.plugins)?;
     if data.validation.is_empty() {
         bail!("the recipe has no held-out data: set data.validation files or data.validation_ratio > 0");
     }

@@ -78,17 +78,7 @@ pub struct Recipe {
 /// cross-entropy. `kind` is the plugin's id, `transport` which build to load (`auto`, `native`,
 /// `wasm`); every other field is the loss's configuration. Evaluation keeps the model's own
 /// cross-entropy, so held-out figures stay comparable between losses.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LossSpec {
-    /// The loss plugin's id (`distill`, ...).
-    pub kind: String,
-    /// Which build of the plugin to load.
-    #[serde(default)]
-    pub transport: crate::plugin::TransportKind,
-    /// The loss's configuration (every other field).
-    #[serde(flatten)]
-    pub config: serde_json::Map<String, serde_json::Value>,
-}
+pub type LossSpec = crate::plugin::PluginSpec;
 
 /// The `[method]` section: how the model is fine-tuned.
 ///

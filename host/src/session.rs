@@ -324,7 +324,8 @@ impl Session {
             ));
         }
         if self.data.is_none() {
-            let data = crate::data::prepare(&self.recipe.data, &self.loaded)?;
+            let data =
+                crate::data::prepare_with_plugins(&self.recipe.data, &self.loaded, &self.plugins)?;
             check_label_count(data.label_count, self.loaded.model.as_ref())?;
             self.data = Some(data);
         }

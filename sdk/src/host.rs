@@ -72,6 +72,11 @@ pub struct DataFile {
 }
 
 impl DataFile {
+    /// The file's index among [`data_files`].
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
     /// The name the user gave.
     pub fn name(&self) -> Result<String> {
         sys::file_name(self.index)

@@ -61,7 +61,7 @@ pub mod abi;
 pub mod config;
 mod error;
 pub mod host;
-mod loader;
+pub mod loader;
 mod loss;
 mod method;
 #[cfg(not(target_arch = "wasm32"))]
@@ -77,7 +77,7 @@ pub mod types;
 pub mod wasm;
 
 pub use error::{Error, Result};
-pub use loader::DataLoader;
+pub use loader::{DataLoader, Item, Position};
 pub use loss::Loss;
 pub use method::{Linear, PeftMethod};
 pub use tensor::Tensor;
@@ -99,8 +99,8 @@ pub mod prelude {
     pub use crate::host::{self as whet_host, DataFile, Level};
     pub use crate::targets::{ModuleSelector, TargetSpec};
     pub use crate::{
-        ConfigField, DataLoader, Error, Event, Init, Linear, LinearInfo, Loss, Mode, ModelInfo,
-        PeftMethod, Result, Tensor,
+        ConfigField, DataLoader, Error, Event, Init, Item, Linear, LinearInfo, Loss, Mode,
+        ModelInfo, PeftMethod, Position, Result, Tensor,
     };
     pub use serde::Deserialize;
 }

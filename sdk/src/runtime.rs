@@ -136,11 +136,11 @@ impl<L: Loss> DynLoss for L {
 /// [`DataLoader`] without its associated type.
 #[doc(hidden)]
 pub trait DynLoader: Send {
-    fn next_record(&mut self) -> Result<Option<serde_json::Value>>;
+    fn next_record(&mut self) -> Result<Option<crate::loader::Item>>;
 }
 
 impl<D: DataLoader> DynLoader for D {
-    fn next_record(&mut self) -> Result<Option<serde_json::Value>> {
+    fn next_record(&mut self) -> Result<Option<crate::loader::Item>> {
         DataLoader::next_record(self)
     }
 }
@@ -332,7 +332,7 @@ pub fn create_loader(config: &str) -> Result<u32> {
     Ok((all.loaders.len() - 1) as u32)
 }
 
-/// The `next-record` export (the record as JSON text).
+/// The `next-record` export (the item's wire form as JSON text: see [`crate::loader`]).
 pub fn next_record(instance: u32) -> Result<Option<String>> {
     let mut all = instances();
     let loader = all
@@ -340,7 +340,7 @@ pub fn next_record(instance: u32) -> Result<Option<String>> {
         .get_mut(instance as usize)
         .ok_or_else(|| Error::msg(format!("no data loader instance {instance}")))?;
     match loader.next_record()? {
-        Some(record) => Ok(Some(record.to_string())),
+        Some(item) => Ok(Some(item.to_wire().to_string())),
         None => Ok(None),
     }
 }

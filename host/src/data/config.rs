@@ -96,8 +96,17 @@ pub struct DataConfig {
     #[serde(default = "default_split_seed")]
     pub split_seed: u64,
     /// File format: `jsonl`, `json`, `csv` or `tsv`. By default it follows each file's extension.
+    /// Not used with a `loader`.
     #[serde(default)]
     pub format: Option<String>,
+    /// A data-loader plugin that reads the files instead of the built-in formats
+    /// (`[data.loader]`, `kind = "chatterbot"`; every other field is the loader's
+    /// configuration). It gets the bytes of the `train` files (and, separately, of the
+    /// `validation` files) and yields records, which are mapped by the `*_field` settings below
+    /// as a built-in format's are. A folder in `train` or `validation` stands for the files in
+    /// it, in name order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader: Option<crate::plugin::PluginSpec>,
     /// Field (or CSV column) holding the text of `{"text", "label"}` records.
     #[serde(default = "default_text_field")]
     pub text_field: String,
@@ -192,6 +201,7 @@ impl DataConfig {
             validation_ratio: default_validation_ratio(),
             split_seed: default_split_seed(),
             format: None,
+            loader: None,
             text_field: default_text_field(),
             label_field: default_label_field(),
             prompt_field: default_prompt_field(),
@@ -234,6 +244,13 @@ impl DataConfig {
             ));
         }
         if let Some(format) = &self.format {
+            if let Some(loader) = &self.loader {
+                return Err(Error::config(format!(
+                    "[data] format = \"{format}\" and [data.loader] kind = \"{}\" both say how to \
+                     read the files; keep one",
+                    loader.kind
+                )));
+            }
             Format::parse(format)?;
         }
         if let Some(file) = self

@@ -1,6 +1,8 @@
 //! From a `[data]` section and a loaded model to tokenized training and validation examples:
 //! read the records, split off validation by a seeded shuffle, encode (in parallel), pack.
 
+use std::path::PathBuf;
+
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -9,7 +11,8 @@ use tokenizers::Tokenizer;
 
 use super::config::DataConfig;
 use super::instruct::{self, AnswerExample};
-use super::records::{read_records, BadRecordPolicy, FieldMap, SourcedRecord};
+use super::records::{BadRecordPolicy, FieldMap, SourcedRecord};
+use super::sources::read_list;
 use super::tokenize::{pack, Encoder, Example, ExampleLabels};
 use crate::model::load::{LoadedModel, SpecialTokens};
 use crate::model::TaskKind;
@@ -34,7 +37,17 @@ pub struct PreparedData {
 }
 
 /// Prepares the data of `cfg` for `loaded`: its task, tokenizer, special tokens and chat template.
+/// A `[data.loader]` plugin is looked up in the plugin directory.
 pub fn prepare(cfg: &DataConfig, loaded: &LoadedModel) -> Result<PreparedData> {
+    prepare_with_plugins(cfg, loaded, &[])
+}
+
+/// [`prepare`], looking up a `[data.loader]` plugin in `plugins` (manifest paths) first.
+pub fn prepare_with_plugins(
+    cfg: &DataConfig,
+    loaded: &LoadedModel,
+    plugins: &[PathBuf],
+) -> Result<PreparedData> {
     if cfg.max_seq_len > loaded.max_positions {
         return Err(Error::config(format!(
             "[data] max_seq_len = {} exceeds the {} positions of {}; lower it",
@@ -43,12 +56,15 @@ pub fn prepare(cfg: &DataConfig, loaded: &LoadedModel) -> Result<PreparedData> {
             loaded.source.display()
         )));
     }
-    prepare_with(
+    prepare_parts(
         cfg,
-        loaded.model.task(),
-        &loaded.tokenizer,
-        loaded.special,
-        loaded.chat_template.as_deref(),
+        ModelParts {
+            task: loaded.model.task(),
+            tokenizer: &loaded.tokenizer,
+            special: loaded.special,
+            chat_template: loaded.chat_template.as_deref(),
+        },
+        plugins,
     )
 }
 
@@ -60,6 +76,34 @@ pub fn prepare_with(
     special: SpecialTokens,
     chat_template: Option<&str>,
 ) -> Result<PreparedData> {
+    let parts = ModelParts {
+        task,
+        tokenizer,
+        special,
+        chat_template,
+    };
+    prepare_parts(cfg, parts, &[])
+}
+
+/// What data preparation needs of a model.
+struct ModelParts<'a> {
+    task: TaskKind,
+    tokenizer: &'a Tokenizer,
+    special: SpecialTokens,
+    chat_template: Option<&'a str>,
+}
+
+fn prepare_parts(
+    cfg: &DataConfig,
+    model: ModelParts<'_>,
+    plugins: &[PathBuf],
+) -> Result<PreparedData> {
+    let ModelParts {
+        task,
+        tokenizer,
+        special,
+        chat_template,
+    } = model;
     cfg.validate()?;
     let packing = cfg.packing;
     if packing && task != TaskKind::CausalLm {
@@ -69,8 +113,23 @@ pub fn prepare_with(
     }
     let fields = FieldMap::from_config(cfg);
     let mut policy = BadRecordPolicy::new(cfg.skip_bad_records);
-    let mut train_records = read_all(&cfg.train, cfg, &fields, &mut policy)?;
-    let mut validation_records = read_all(&cfg.validation, cfg, &fields, &mut policy)?;
+    let loader = cfg
+        .loader
+        .as_ref()
+        .map(|spec| spec.load(plugins))
+        .transpose()?;
+    if let Some(plugin) = &loader {
+        tracing::info!(
+            loader = plugin.id(),
+            transport = ?plugin.transport_kind,
+            "reading the data with a loader plugin"
+        );
+    }
+    let read = |locations: &[String], policy: &mut BadRecordPolicy| {
+        read_list(locations, cfg, &fields, policy, loader.as_ref())
+    };
+    let mut train_records = read(&cfg.train, &mut policy)?;
+    let mut validation_records = read(&cfg.validation, &mut policy)?;
     if cfg.validation.is_empty() {
         (train_records, validation_records) =
             split(train_records, cfg.validation_ratio, cfg.split_seed)?;
@@ -144,58 +203,6 @@ pub fn prepare_with(
     })
 }
 
-/// Reads the records of every file of `locations`, up to `cfg.max_records` in all.
-fn read_all(
-    locations: &[String],
-    cfg: &DataConfig,
-    fields: &FieldMap,
-    policy: &mut BadRecordPolicy,
-) -> Result<Vec<SourcedRecord>> {
-    let mut records = Vec::new();
-    for location in locations {
-        let remaining = cfg.max_records.map(|n| n.saturating_sub(records.len()));
-        if remaining == Some(0) {
-            break;
-        }
-        let path = crate::assets::resolve_path(location)?;
-        if !path.is_file() {
-            return Err(Error::config(format!(
-                "[data] dataset file `{location}` not found"
-            )));
-        }
-        let format = cfg.format_of(&path)?;
-        let mut read = read_records(&path, format, fields, policy, remaining)?;
-        if let Some(value) = cfg.file_labels.get(location) {
-            relabel(&mut read, location, value, fields)?;
-        }
-        records.extend(read);
-    }
-    Ok(records)
-}
-
-/// Gives every record of file `location` the label `value` (`[data] file_labels`).
-fn relabel(
-    records: &mut [SourcedRecord],
-    location: &str,
-    value: &serde_json::Value,
-    fields: &FieldMap,
-) -> Result<()> {
-    let id = fields
-        .label_of(Some(value))
-        .map_err(|e| Error::config(format!("[data] file_labels.\"{location}\": {e}")))?;
-    for r in records.iter_mut() {
-        match &mut r.record {
-            crate::data::Record::Text { label, .. } => *label = id,
-            _ => {
-                return Err(r.error(
-                    "[data] file_labels applies to {\"text\"} records only (classification)",
-                ))
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Splits records into (train, validation) by a seeded shuffle: `round(len * ratio)` records go
 /// to validation. Both parts keep file order.
 pub fn split(
@@ -251,8 +258,6 @@ fn encode_all(
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::super::records::Record;
     use super::*;
 

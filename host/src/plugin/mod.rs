@@ -7,11 +7,13 @@
 //! - [`session`]: the handle table and the model a plugin's calls act on;
 //! - [`ops`]: the tensor operations plugins ask for;
 //! - [`transport`], [`native`], [`wasm`]: the two ways of calling a plugin;
-//! - [`method`]: attaching a PEFT method plugin to a model.
+//! - [`method`]: attaching a PEFT method plugin to a model; [`loss`]: a loss plugin;
+//!   [`loader`]: a data-loader plugin reading the user's files.
 
 pub mod build;
 pub mod conformance;
 pub mod discover;
+pub mod loader;
 pub mod loss;
 pub mod manifest;
 pub mod method;
@@ -58,6 +60,35 @@ impl std::str::FromStr for TransportKind {
                 "unknown plugin transport `{other}`: use auto, native or wasm"
             ))),
         }
+    }
+}
+
+/// A recipe section naming a plugin by id with its configuration (`[loss]`, `[data.loader]`):
+/// `kind` is the plugin's id, `transport` which build to load (`auto`, `native`, `wasm`), and
+/// every other field is the plugin's configuration.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PluginSpec {
+    /// The plugin's id (`distill`, `chatterbot`, ...).
+    pub kind: String,
+    /// Which build of the plugin to load.
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// The plugin's configuration (every other field).
+    #[serde(flatten)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+impl PluginSpec {
+    /// Finds the plugin (in `explicit` manifests first, then the plugin directory) and loads
+    /// the build `transport` asks for.
+    pub fn load(&self, explicit: &[std::path::PathBuf]) -> Result<Plugin> {
+        let manifest = discover::find(&self.kind, explicit)?;
+        Plugin::load(&manifest, self.transport)
+    }
+
+    /// The configuration as one JSON object.
+    pub fn config_value(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.config.clone())
     }
 }
 

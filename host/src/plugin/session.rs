@@ -98,6 +98,18 @@ impl Session {
         }
     }
 
+    /// A session without a model, for a data loader reading `files`.
+    pub fn for_files(files: Vec<PathBuf>) -> Session {
+        Session {
+            files,
+            ..Session::new(
+                Device::Cpu,
+                ParamStore::default(),
+                Arc::new(ForwardContext::default()),
+            )
+        }
+    }
+
     /// Runs `f` on the plugin-created parameters.
     pub fn with_params<T>(&self, f: impl FnOnce(&mut AdapterParams) -> T) -> T {
         let mut guard = self.params.lock().unwrap_or_else(|p| p.into_inner());

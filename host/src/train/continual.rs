@@ -471,12 +471,17 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         loaded,
         method,
         objective,
+        plugin_paths,
     } = load_run(recipe, opts)?;
     let model = loaded.model.as_ref();
     let mut tasks = Vec::with_capacity(continual.tasks.len());
     let mut skipped = 0;
     for task in &continual.tasks {
-        let data = crate::data::prepare(&task_data(&recipe.data, task)?, &loaded)?;
+        let data = crate::data::prepare_with_plugins(
+            &task_data(&recipe.data, task)?,
+            &loaded,
+            &plugin_paths,
+        )?;
         check_label_count(data.label_count, model)?;
         skipped += data.skipped;
         tasks.push(TaskExamples {

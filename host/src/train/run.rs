@@ -249,6 +249,8 @@ pub(crate) struct LoadedRun {
     pub method: Option<Arc<MethodAdapter>>,
     /// The `[loss]` plugin and `[teacher]`, when the recipe names them.
     pub objective: Objective,
+    /// Plugin manifests to search before the plugin directory (`--plugin`, then the recipe's).
+    pub plugin_paths: Vec<PathBuf>,
 }
 
 /// Opens the device, loads the model and applies the method of `recipe`.
@@ -273,6 +275,7 @@ pub(crate) fn load_run(recipe: &Recipe, opts: &RunOptions) -> Result<LoadedRun> 
         loaded,
         method,
         objective,
+        plugin_paths,
     })
 }
 
@@ -286,12 +289,10 @@ pub(crate) fn load_objective(
     let Some(spec) = &recipe.loss else {
         return Ok(Objective::default());
     };
-    let manifest = crate::plugin::discover::find(&spec.kind, plugin_paths)?;
-    let plugin = crate::plugin::Plugin::load(&manifest, spec.transport)?;
     let loss = crate::plugin::loss::LossAdapter::attach(
         loaded.model.as_ref(),
-        plugin,
-        serde_json::Value::Object(spec.config.clone()),
+        spec.load(plugin_paths)?,
+        spec.config_value(),
     )?;
     tracing::info!(loss = spec.kind.as_str(), "loaded loss plugin");
     let teacher = recipe
@@ -367,9 +368,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         loaded,
         method,
         objective,
+        plugin_paths,
     } = load_run(recipe, opts)?;
     let model = loaded.model.as_ref();
-    let data = crate::data::prepare(&recipe.data, &loaded)?;
+    let data = crate::data::prepare_with_plugins(&recipe.data, &loaded, &plugin_paths)?;
     check_label_count(data.label_count, model)?;
     write_recipe_copy(recipe)?;
     let dir = &recipe.output.dir;
