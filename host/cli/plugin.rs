@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use whetstone_host::plugin::build::{self, BuildOptions};
 use whetstone_host::plugin::manifest::MANIFEST_FILE;
 use whetstone_host::plugin::{conformance, discover, Manifest, Plugin, TransportKind};
@@ -41,30 +41,38 @@ pub enum PluginCommand {
     },
     /// List the installed plugins with their configuration fields.
     List,
-    /// Run the conformance suite on a method or loss plugin; exits non-zero when a check fails.
-    Check {
-        /// A plugin.toml, the folder holding one, or a plugin crate to build first.
-        path: PathBuf,
-        /// The plugin's configuration as JSON (PEFT's field names for a method).
-        #[arg(long, default_value = "{}")]
-        config: String,
-        /// Check the native build (with --wasm too: both, and native == wasm). Without either
-        /// flag: every build the manifest names, or the native build of a crate.
-        #[arg(long)]
-        native: bool,
-        /// Check the WebAssembly build.
-        #[arg(long)]
-        wasm: bool,
-        /// When PATH is a crate: install the builds here instead of the plugin directory.
-        #[arg(long, value_name = "DIR")]
-        out: Option<PathBuf>,
-        /// When PATH is a crate: build the native library with optimisations.
-        #[arg(long)]
-        release: bool,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Run the conformance suite on a method, loss or data-loader plugin; exits non-zero when a
+    /// check fails.
+    Check(CheckArgs),
+}
+
+/// Options of `whet plugin check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// A plugin.toml, the folder holding one, or a plugin crate to build first.
+    pub path: PathBuf,
+    /// The plugin's configuration as JSON (PEFT's field names for a method).
+    #[arg(long, default_value = "{}")]
+    pub config: String,
+    /// Check the native build (with --wasm too: both, and native == wasm). Without either
+    /// flag: every build the manifest names, or the native build of a crate.
+    #[arg(long)]
+    pub native: bool,
+    /// Check the WebAssembly build.
+    #[arg(long)]
+    pub wasm: bool,
+    /// When PATH is a crate: install the builds here instead of the plugin directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// When PATH is a crate: build the native library with optimisations.
+    #[arg(long)]
+    pub release: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// A sample file for a data loader to read (repeatable; required for loaders).
+    #[arg(long = "data", value_name = "FILE")]
+    pub data: Vec<PathBuf>,
 }
 
 /// Runs `whet plugin ...`.
@@ -94,15 +102,7 @@ pub fn run(command: PluginCommand) -> Result<()> {
             Ok(())
         }
         PluginCommand::List => list(),
-        PluginCommand::Check {
-            path,
-            config,
-            native,
-            wasm,
-            out,
-            release,
-            json,
-        } => check(&path, &config, native, wasm, out, release, json),
+        PluginCommand::Check(args) => check(args),
     }
 }
 
@@ -197,23 +197,25 @@ fn resolve(
     )
 }
 
-fn check(
-    path: &Path,
-    config: &str,
-    native: bool,
-    wasm: bool,
-    out: Option<PathBuf>,
-    release: bool,
-    json: bool,
-) -> Result<()> {
-    let config: serde_json::Value = serde_json::from_str(config)
+fn check(args: CheckArgs) -> Result<()> {
+    let CheckArgs {
+        path,
+        config,
+        native,
+        wasm,
+        out,
+        release,
+        json,
+        data,
+    } = args;
+    let config: serde_json::Value = serde_json::from_str(&config)
         .with_context(|| format!("--config is not valid JSON: {config}"))?;
-    let manifest = resolve(path, native, wasm, out, release)?;
+    let manifest = resolve(&path, native, wasm, out, release)?;
     let kinds: Vec<TransportKind> = [(TransportKind::Native, native), (TransportKind::Wasm, wasm)]
         .into_iter()
         .filter_map(|(k, asked)| asked.then_some(k))
         .collect();
-    let report = conformance::check(&manifest, &kinds, config)?;
+    let report = conformance::check_with_data(&manifest, &kinds, config, &data)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

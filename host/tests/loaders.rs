@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use whetstone_host::data::records::{BadRecordPolicy, FieldMap};
 use whetstone_host::data::sources::read_list;
 use whetstone_host::data::{ChatMessage, DataConfig, Record, SourcedRecord};
+use whetstone_host::plugin::conformance::{self, Status};
 use whetstone_host::plugin::{Manifest, Plugin, PluginSpec, TransportKind};
 use whetstone_host::Error;
 
@@ -227,6 +228,43 @@ fn sharegpt_alpaca_and_text_shapes() {
             )
         ]
     );
+}
+
+#[test]
+fn every_loader_passes_the_conformance_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = [
+        ("jsonl", "s.jsonl", "{\"text\": \"a\"}\n{\"prompt\": \"p\", \"completion\": \"c\"}\n"),
+        ("csv", "s.csv", "text,label\ngood,1\n"),
+        (
+            "sharegpt",
+            "s.jsonl",
+            "{\"conversations\": [{\"from\": \"human\", \"value\": \"Hi\"}, {\"from\": \"gpt\", \"value\": \"Yo\"}]}\n",
+        ),
+        ("alpaca", "s.jsonl", "{\"instruction\": \"Hi\", \"output\": \"Hello\"}\n"),
+        ("text", "s.txt", "One.\n\nTwo.\n"),
+        ("chatterbot", "s.yml", "conversations:\n- - Hi\n  - Hello\n"),
+    ];
+    for (id, name, content) in samples {
+        let sample = write(dir.path(), &format!("{id}-{name}"), content);
+        let report = conformance::check_with_data(manifest(id), &[], json!({}), &[sample]).unwrap();
+        assert!(report.passed(), "{report}");
+        let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
+        let expected: &[&str] = if common::transports(manifest(id)).len() == 2 {
+            &["load", "read", "load", "read", "native-wasm"]
+        } else {
+            &["load", "read"]
+        };
+        assert_eq!(names, expected, "{report}");
+    }
+    // Without samples a loader's read check fails, saying what to pass.
+    let report = conformance::check_with_data(manifest("text"), &[], json!({}), &[]).unwrap();
+    let failure = report.failures().next().unwrap();
+    assert_eq!(
+        (failure.name.as_str(), failure.status),
+        ("read", Status::Fail)
+    );
+    assert!(failure.message.contains("--data"), "{report}");
 }
 
 #[test]

@@ -21,10 +21,14 @@
 //! and, when both builds are checked, **native-wasm**: the same logits and the same losses over
 //! [`checks::TRAIN_STEPS`] SGD steps (bit-identical, DESIGN.md principle 2).
 //!
+//! A data loader is checked on sample files ([`check_with_data`]): `create`, `read` and
+//! `native-wasm` (see `loader_checks`).
+//!
 //! An error inside a check is a failed check, never an early return: the report shows all.
 
 mod checks;
 mod fixture;
+mod loader_checks;
 mod loss_checks;
 
 use std::fmt;
@@ -294,6 +298,32 @@ fn check_loss_build(
     Some(trace)
 }
 
+/// Checks one build of a data loader on the sample files; returns what it read.
+fn check_loader_build(
+    manifest: &Manifest,
+    kind: TransportKind,
+    config: &serde_json::Value,
+    data: &[std::path::PathBuf],
+    checks: &mut Vec<CheckResult>,
+) -> Option<loader_checks::LoaderTrace> {
+    let t = Some(kind);
+    let plugin = load_build(manifest, kind, checks)?;
+    let mut trace = None;
+    run(checks, "read", t, || {
+        if data.is_empty() {
+            return Ok(Outcome::fail(
+                0.0,
+                "a data loader is checked on sample files: pass --data FILE (repeatable)",
+            ));
+        }
+        let read = loader_checks::trace(&plugin, config, data)?;
+        let outcome = loader_checks::read(&read);
+        trace = Some(read);
+        Ok(outcome)
+    });
+    trace
+}
+
 /// Checks one build; returns the loaded plugin when it could be loaded and attached.
 fn check_build(
     manifest: &Manifest,
@@ -357,13 +387,37 @@ pub fn check(
     transports: &[TransportKind],
     config: serde_json::Value,
 ) -> Result<Report> {
+    check_with_data(manifest, transports, config, &[])
+}
+
+/// [`check`], with sample files for a data loader (a plugin that provides a data loader and
+/// neither a method nor a loss is checked on them; without any, its `read` check fails).
+pub fn check_with_data(
+    manifest: &Manifest,
+    transports: &[TransportKind],
+    config: serde_json::Value,
+    data: &[std::path::PathBuf],
+) -> Result<Report> {
     use whetstone_sdk::PluginKind;
     let start = Instant::now();
     let kinds = builds(manifest, transports);
     let mut checks = Vec::new();
-    let is_loss =
-        manifest.kinds.contains(&PluginKind::Loss) && !manifest.kinds.contains(&PluginKind::Method);
-    if is_loss {
+    let is_method = manifest.kinds.contains(&PluginKind::Method);
+    let is_loss = manifest.kinds.contains(&PluginKind::Loss) && !is_method;
+    let is_loader = manifest.kinds.contains(&PluginKind::DataLoader) && !is_method && !is_loss;
+    if is_loader {
+        let mut done = Vec::new();
+        for &kind in &kinds {
+            if let Some(t) = check_loader_build(manifest, kind, &config, data, &mut checks) {
+                done.push((kind, t));
+            }
+        }
+        if let Some((n, w)) = both(&done) {
+            run(&mut checks, "native-wasm", None, || {
+                Ok(loader_checks::compare(n, w))
+            });
+        }
+    } else if is_loss {
         let inputs = loss_checks::LossInputs::new()?;
         let mut done = Vec::new();
         for &kind in &kinds {
