@@ -125,6 +125,32 @@ pub fn run(args: MethodsArgs) -> Result<()> {
     Ok(())
 }
 
+/// The method column of a recipe: its `[method] kind`, with the LoRA variant it turns on
+/// (`lora (DoRA)`, `lora (rsLoRA)`).
+fn method_label(doc: &toml::Table) -> String {
+    let method = doc.get("method");
+    let kind = method
+        .and_then(|m| m.get("kind"))
+        .and_then(|k| k.as_str())
+        .unwrap_or("partial");
+    let on = |flag: &str| {
+        method
+            .and_then(|m| m.get(flag))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    };
+    let variants: Vec<&str> = [("use_dora", "DoRA"), ("use_rslora", "rsLoRA")]
+        .into_iter()
+        .filter(|(flag, _)| kind == "lora" && on(flag))
+        .map(|(_, name)| name)
+        .collect();
+    if variants.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind} ({})", variants.join(", "))
+    }
+}
+
 /// Trains `recipe` in a child `whet train` with `eval_at_start` on and returns its summary.
 fn train_one(exe: &Path, recipe: &Path, args: &MethodsArgs) -> Result<Row> {
     let text =
@@ -135,12 +161,7 @@ fn train_one(exe: &Path, recipe: &Path, args: &MethodsArgs) -> Result<Row> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "recipe".into());
-    let method = doc
-        .get("method")
-        .and_then(|m| m.get("kind"))
-        .and_then(|k| k.as_str())
-        .unwrap_or("partial")
-        .to_string();
+    let method = method_label(&doc);
     let training = doc
         .entry("training")
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -324,6 +345,18 @@ fn replace_between_markers(text: &str, table: &str, begin: &str, end: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn method_labels_name_lora_variants() {
+        let label = |text: &str| method_label(&toml::from_str(text).unwrap());
+        assert_eq!(
+            label("[method]\nkind = \"lora\"\nuse_dora = true"),
+            "lora (DoRA)"
+        );
+        assert_eq!(label("[method]\nkind = \"lora\"\nuse_dora = false"), "lora");
+        assert_eq!(label("[method]\nkind = \"ia3\"\nuse_dora = true"), "ia3");
+        assert_eq!(label("[data]\ntrain = []"), "partial");
+    }
 
     #[test]
     fn the_table_goes_between_the_markers_and_nowhere_else() {
