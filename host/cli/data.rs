@@ -1,6 +1,9 @@
 //! `whet data preview RECIPE`: the first examples of a recipe's data as the trainer sees them,
 //! after reading, templating, tokenizing, truncating and masking, with the trained tokens
 //! marked, so a recipe's data can be checked before an hour of training.
+//!
+//! `whet data scan RECIPE`: one epoch of the training data streamed (read, tokenized, packed,
+//! shuffled as `[data] streaming = true` trains), with its counts, speed and peak memory.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -17,6 +20,23 @@ pub enum DataCommand {
     /// Print the first examples of a recipe's data, tokenized and masked as the trainer sees
     /// them (trained tokens marked «like this», or in colour on a terminal).
     Preview(PreviewArgs),
+    /// Stream one epoch of a recipe's training data as `[data] streaming = true` reads it and
+    /// print what it holds (records, examples, tokens, skipped, truncated), how fast it read and
+    /// the peak memory.
+    Scan(ScanArgs),
+}
+
+/// Options of `whet data scan`.
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// The recipe whose `[model]` (for the tokenizer) and `[data]` to use.
+    recipe: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// A plugin manifest to search first for a `[data.loader]` plugin (repeatable).
+    #[arg(long = "plugin", value_name = "PATH")]
+    plugins: Vec<PathBuf>,
 }
 
 /// Which split to show.
@@ -55,6 +75,83 @@ pub struct PreviewArgs {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Preview(args) => preview(args),
+        DataCommand::Scan(args) => scan(args),
+    }
+}
+
+fn scan(args: ScanArgs) -> Result<()> {
+    use whetstone_host::data::stream::StreamCounts;
+    let recipe = crate::train::read_recipe(&args.recipe)?;
+    let loaded = whetstone_host::model::load::load(
+        &recipe.model,
+        &candle_core::Device::Cpu,
+        recipe.training.seed,
+    )
+    .context("loading the recipe's model (for its tokenizer and chat template)")?;
+    let mut plugins = args.plugins.clone();
+    plugins.extend(recipe.plugins.iter().cloned());
+    let mut cfg = recipe.data.clone();
+    cfg.streaming = true;
+    let start = std::time::Instant::now();
+    let data = whetstone_host::data::prepare_streaming(&cfg, &loaded, &plugins)
+        .context("preparing the streamed data")?;
+    let counts = std::sync::Arc::new(StreamCounts::default());
+    let progress = indicatif::ProgressBar::new_spinner();
+    if args.json || !std::io::stderr().is_terminal() {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut trained_tokens = 0usize;
+    for (i, example) in data
+        .epoch(0, recipe.training.seed, Some(counts.clone()))?
+        .enumerate()
+    {
+        trained_tokens += trained(&example?);
+        if i % 10_000 == 0 {
+            progress.set_message(format!("{i} examples"));
+            progress.tick();
+        }
+    }
+    progress.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let get = StreamCounts::get;
+    let records = get(&counts.records);
+    let out = serde_json::json!({
+        "records": records,
+        "examples": get(&counts.examples),
+        "tokens": get(&counts.tokens),
+        "trained_tokens": trained_tokens,
+        "skipped_records": get(&counts.skipped),
+        "truncated": get(&counts.truncated),
+        "validation_examples": data.validation.len(),
+        "seconds": seconds,
+        "records_per_s": records as f64 / seconds.max(1e-9),
+        "peak_rss_mb": whetstone_host::bench::peak_rss_mb(),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{} records → {} examples, {} tokens ({} trained); {} skipped, {} truncated; \
+             {} held out\n{seconds:.1} s ({:.0} records/s), peak RSS {:.0} MiB",
+            records,
+            out["examples"],
+            out["tokens"],
+            trained_tokens,
+            out["skipped_records"],
+            out["truncated"],
+            data.validation.len(),
+            out["records_per_s"].as_f64().unwrap_or(0.0),
+            out["peak_rss_mb"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(())
+}
+
+/// Tokens a language-model example trains on (1 for a classification example).
+fn trained(example: &Example) -> usize {
+    match &example.labels {
+        ExampleLabels::Tokens(labels) => labels.iter().filter(|&&l| l != IGNORE_INDEX).count(),
+        ExampleLabels::Class(_) => 1,
     }
 }
 

@@ -323,6 +323,12 @@ impl Session {
                  (Session::configure, whet_session_configure)",
             ));
         }
+        if self.recipe.data.streaming {
+            return Err(Error::config(
+                "[data] streaming = true is not supported by an embedding session yet; train \
+                 this recipe with `whet train` (or set streaming = false)",
+            ));
+        }
         if self.data.is_none() {
             let data =
                 crate::data::prepare_with_plugins(&self.recipe.data, &self.loaded, &self.plugins)?;
@@ -412,7 +418,7 @@ impl Session {
         let total_steps = self.total_steps()?;
         let data = Self::data(&self.data)?;
         let fit_data = FitData {
-            train: &data.train,
+            train: (&data.train).into(),
             validation: &data.validation,
             pad_id,
             method: method.as_ref(),

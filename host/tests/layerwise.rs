@@ -172,7 +172,7 @@ fn run(
     let train = examples(24, 11);
     let validation = examples(8, 12);
     let data = FitData {
-        train: &train,
+        train: (&train).into(),
         validation: &validation,
         pad_id: 0,
         method: Some(&adapter),

@@ -389,7 +389,7 @@ fn losses(objective: Option<&Objective>, model: &BertForSequenceClassification) 
     let summary = fit(
         model,
         FitData {
-            train: &train,
+            train: (&train).into(),
             validation: &validation,
             pad_id: 0,
             method: None,

@@ -462,7 +462,7 @@ fn fit_tiny(
     let validation = class_examples(12, 12);
     let model = Tiny::classifier(5).train_all();
     let data = FitData {
-        train: &train,
+        train: (&train).into(),
         validation: &validation,
         pad_id: 0,
         method: None,
@@ -872,4 +872,159 @@ dir = "{}"
         assert!(dir.path().join("a").join(file).is_file(), "{file}");
     }
     println!("{a}");
+}
+
+/// A whitespace word-level tokenizer over the words `t0` … `t15` (ids 0 … 15), so that text
+/// records tokenize to the ids the tiny model knows.
+fn word_tokenizer() -> tokenizers::Tokenizer {
+    let vocab: std::collections::HashMap<String, u32> =
+        (0..VOCAB as u32).map(|i| (format!("t{i}"), i)).collect();
+    let model = tokenizers::models::wordlevel::WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("t0".into())
+        .build()
+        .unwrap();
+    let mut tokenizer = tokenizers::Tokenizer::new(model);
+    tokenizer.with_pre_tokenizer(Some(
+        tokenizers::pre_tokenizers::whitespace::WhitespaceSplit,
+    ));
+    tokenizer
+}
+
+/// `examples` as JSON lines of `{"text": "t3 t9 …", "label": 0|1}`.
+fn jsonl_of(examples: &[Example]) -> String {
+    examples
+        .iter()
+        .map(|e| {
+            let text: Vec<String> = e.input_ids.iter().map(|i| format!("t{i}")).collect();
+            let ExampleLabels::Class(label) = e.labels else {
+                panic!("class examples expected")
+            };
+            format!(
+                "{}\n",
+                serde_json::json!({"text": text.join(" "), "label": label})
+            )
+        })
+        .collect()
+}
+
+/// Trains the tiny classifier on `class_examples(40, 11)` streamed from a JSON-lines file
+/// (validation: `class_examples(12, 12)` from another file).
+fn fit_streamed(
+    dir: &std::path::Path,
+    out: &std::path::Path,
+    training: &TrainingConfig,
+    opts: &RunOptions,
+) -> (
+    whetstone_host::Result<whetstone_host::train::RunSummary>,
+    Tiny,
+) {
+    let train = dir.join("train.jsonl");
+    let validation = dir.join("validation.jsonl");
+    std::fs::write(&train, jsonl_of(&class_examples(40, 11))).unwrap();
+    std::fs::write(&validation, jsonl_of(&class_examples(12, 12))).unwrap();
+    let mut data_cfg = whetstone_host::data::DataConfig::new(vec![train.display().to_string()]);
+    data_cfg.validation = vec![validation.display().to_string()];
+    data_cfg.streaming = true;
+    data_cfg.shuffle_buffer = 16;
+    let special = whetstone_host::model::load::SpecialTokens {
+        bos: None,
+        eos: None,
+        pad: 0,
+        add_bos: false,
+    };
+    let task = TaskKind::SequenceClassification { num_labels: 2 };
+    let stream = whetstone_host::data::stream::prepare_streaming_with(
+        &data_cfg,
+        task,
+        &word_tokenizer(),
+        special,
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(stream.validation, class_examples(12, 12));
+    let model = Tiny::classifier(5).train_all();
+    let data = FitData {
+        train: whetstone_host::train::TrainSource::Stream(&stream),
+        validation: &stream.validation,
+        pad_id: 0,
+        method: None,
+        objective: None,
+    };
+    let result = fit(
+        &model,
+        data,
+        training,
+        &OutputConfig::new(out),
+        &Device::Cpu,
+        opts,
+    );
+    (result, model)
+}
+
+#[test]
+fn streamed_training_learns_resumes_exactly_and_needs_max_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let training = TrainingConfig {
+        max_steps: Some(25),
+        eval_every: Some(4),
+        ..cfg()
+    };
+    let (full, full_model) = fit_streamed(
+        dir.path(),
+        &dir.path().join("full"),
+        &training,
+        &RunOptions::default(),
+    );
+    let full = full.unwrap();
+    // 40 examples in batches of 4: 10 batches an epoch, so 25 steps end mid-epoch 2.
+    assert_eq!((full.steps, full.train_examples), (25, 40));
+    let loss = losses(&full);
+    assert!(
+        loss[20..].iter().sum::<f64>() < loss[..5].iter().sum::<f64>(),
+        "{loss:?}"
+    );
+
+    // Interrupted after step 13 (epoch 1, batch 3), then resumed: the stream skips the
+    // batches already trained and the run ends as the uninterrupted one did.
+    let out = dir.path().join("resumed");
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let interrupted = RunOptions {
+        cancel: Some(cancel),
+        on_step: Some(Arc::new(move |s| {
+            if s.step == 13 {
+                flag.store(true, Ordering::SeqCst);
+            }
+        })),
+        ..Default::default()
+    };
+    let (first, _) = fit_streamed(dir.path(), &out, &training, &interrupted);
+    assert!(matches!(first, Err(Error::Cancelled)), "{first:?}");
+    let state = checkpoint::load(&out.join("last"), &Device::Cpu)
+        .unwrap()
+        .state;
+    assert_eq!((state.step, state.epoch, state.batch_in_epoch), (13, 1, 3));
+    let resume = RunOptions {
+        resume: true,
+        ..Default::default()
+    };
+    let (second, resumed_model) = fit_streamed(dir.path(), &out, &training, &resume);
+    let second = second.unwrap();
+    assert_eq!(losses(&second), loss, "resumed loss sequence differs");
+    assert_eq!(resumed_model.values(), full_model.values());
+
+    let no_limit = TrainingConfig {
+        max_steps: None,
+        ..training
+    };
+    let (err, _) = fit_streamed(
+        dir.path(),
+        &dir.path().join("unbounded"),
+        &no_limit,
+        &RunOptions::default(),
+    );
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("max_steps"), "{err}");
 }

@@ -59,7 +59,7 @@ fn partial_fine_tune_of_smollm2_lowers_held_out_perplexity() -> anyhow::Result<(
     let summary = fit(
         model,
         FitData {
-            train: &prepared.train,
+            train: (&prepared.train).into(),
             validation: &prepared.validation,
             pad_id: pad,
             method: None,

@@ -161,6 +161,17 @@ pub struct DataConfig {
     /// is reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instruction_template: Option<String>,
+    /// Stream the training files instead of reading them into memory: every epoch reads them
+    /// again, tokenizes on the way and shuffles through a buffer of `shuffle_buffer` examples,
+    /// so a dataset larger than memory trains in bounded memory. Needs `[training] max_steps`
+    /// (the number of batches is not known in advance). Held-out examples (from `validation`,
+    /// or the `validation_ratio` share chosen by a seeded hash of file and line) stay in memory.
+    #[serde(default)]
+    pub streaming: bool,
+    /// With `streaming`: how many examples the shuffle buffer holds (more mixes better and
+    /// costs memory). Default 10000.
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
     /// With `instruction_template`: answer at most this many held-out questions after training
     /// (generation is slow on a CPU); all of them by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +181,10 @@ pub struct DataConfig {
 fn default_validation_ratio() -> f64 {
     0.2
 }
+fn default_shuffle_buffer() -> usize {
+    10_000
+}
+
 fn default_split_seed() -> u64 {
     42
 }
@@ -216,6 +231,8 @@ impl DataConfig {
             loss_on: LossOn::default(),
             instruction_template: None,
             max_answer_examples: None,
+            streaming: false,
+            shuffle_buffer: default_shuffle_buffer(),
         }
     }
 
@@ -237,6 +254,11 @@ impl DataConfig {
                 "[data] max_seq_len = {} is too small; use at least 2 (typically 128 to 2048)",
                 self.max_seq_len
             )));
+        }
+        if self.streaming && self.shuffle_buffer == 0 {
+            return Err(Error::config(
+                "[data] shuffle_buffer = 0 cannot shuffle; use at least 1 (default 10000)",
+            ));
         }
         if self.max_records == Some(0) {
             return Err(Error::config(

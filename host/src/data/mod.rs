@@ -5,6 +5,8 @@
 //!   and line;
 //! - [`sources`]: the files of a `train` / `validation` list (folders expanded), read by those
 //!   formats or by a data-loader plugin;
+//! - [`stream`]: streamed training data (`streaming = true`): read, tokenized and shuffled
+//!   through a bounded buffer each epoch;
 //! - [`template`]: chat templates (the model's Jinja template, or ChatML);
 //! - [`tokenize`]: records to [`Example`]s (truncation, prompt / assistant-turn masking, packing);
 //! - [`prepare`](mod@prepare): the whole path from a `[data]` section and a model, with the seeded
@@ -17,6 +19,7 @@ pub mod instruct;
 pub mod prepare;
 pub mod records;
 pub mod sources;
+pub mod stream;
 pub mod template;
 pub mod tokenize;
 
@@ -24,5 +27,6 @@ pub use batch::{collate, BatchOrder};
 pub use config::{DataConfig, Format, LossOn};
 pub use prepare::{prepare, prepare_with, prepare_with_plugins, PreparedData};
 pub use records::{Record, SourcedRecord};
+pub use stream::{prepare_streaming, StreamingData};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenize::{Example, ExampleLabels};

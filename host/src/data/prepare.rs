@@ -236,7 +236,7 @@ pub fn split(
 
 /// Encodes records in parallel, handing bad ones to `policy`; returns the examples (in record
 /// order) and how many were truncated.
-fn encode_all(
+pub(crate) fn encode_all(
     encoder: &Encoder,
     records: &[SourcedRecord],
     policy: &mut BadRecordPolicy,

@@ -240,6 +240,36 @@ impl BadRecordPolicy {
     }
 }
 
+/// One entry of a data file: its 1-based line (record number in a JSON array) and its JSON
+/// value, or why the text there is not one.
+pub type Entry = (usize, std::result::Result<Value, String>);
+
+/// The entries of a data file, in order.
+pub type Entries = Box<dyn Iterator<Item = Result<Entry>> + Send>;
+
+/// Bytes read from a data file at a time.
+const READ_BUFFER: usize = 1 << 20;
+
+/// The entries of `path` in `format`, streamed: JSON lines and CSV/TSV are read a buffer at a
+/// time, so a file larger than memory is fine; a JSON array is read whole.
+pub fn entries(path: &Path, format: Format) -> Result<Entries> {
+    let open = || std::fs::File::open(path).map_err(|e| Error::io(path, e));
+    match format {
+        Format::Json if !starts_with_object(path)? => json_array(path),
+        Format::Json | Format::JsonLines => Ok(json_lines(path, open()?)),
+        Format::Csv => delimited(path, open()?, b','),
+        Format::Tsv => delimited(path, open()?, b'\t'),
+    }
+}
+
+/// The record of an entry's value (an object, mapped by `fields`).
+pub fn record_of(fields: &FieldMap, value: Value) -> std::result::Result<Record, String> {
+    match value {
+        Value::Object(object) => fields.record(&object),
+        other => Err(format!("expected a JSON object, found {}", kind(&other))),
+    }
+}
+
 /// Reads the records of `path` in `format`, handing bad records to `policy`, and stops after
 /// `limit` usable records.
 pub fn read_records(
@@ -249,64 +279,26 @@ pub fn read_records(
     policy: &mut BadRecordPolicy,
     limit: Option<usize>,
 ) -> Result<Vec<SourcedRecord>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut sink = Sink {
-        path,
-        fields,
-        policy,
-        limit,
-        records: Vec::new(),
-    };
-    match format {
-        Format::Json if !text.trim_start().starts_with('{') => read_json_array(&text, &mut sink)?,
-        Format::Json | Format::JsonLines => read_json_lines(&text, &mut sink)?,
-        Format::Csv => read_delimited(&text, b',', &mut sink)?,
-        Format::Tsv => read_delimited(&text, b'\t', &mut sink)?,
-    }
-    Ok(sink.records)
-}
-
-/// Collects records of one file.
-struct Sink<'a> {
-    path: &'a Path,
-    fields: &'a FieldMap,
-    policy: &'a mut BadRecordPolicy,
-    limit: Option<usize>,
-    records: Vec<SourcedRecord>,
-}
-
-impl Sink<'_> {
-    /// Whether the record limit is reached.
-    fn full(&self) -> bool {
-        self.limit.is_some_and(|n| self.records.len() >= n)
-    }
-
-    /// Adds the record built from `value` (read at `line`), or handles it as bad.
-    fn push(&mut self, line: usize, value: std::result::Result<Value, String>) -> Result<()> {
-        let record = value.and_then(|value| match value {
-            Value::Object(object) => self.fields.record(&object),
-            other => Err(format!("expected a JSON object, found {}", kind(&other))),
-        });
-        match record {
-            Ok(record) => {
-                self.records.push(SourcedRecord {
-                    record,
-                    path: self.path.to_path_buf(),
-                    line,
-                });
-                Ok(())
-            }
-            Err(message) => self.bad(line, message),
+    let mut records = Vec::new();
+    for entry in entries(path, format)? {
+        if limit.is_some_and(|n| records.len() >= n) {
+            break;
+        }
+        let (line, value) = entry?;
+        match value.and_then(|v| record_of(fields, v)) {
+            Ok(record) => records.push(SourcedRecord {
+                record,
+                path: path.to_path_buf(),
+                line,
+            }),
+            Err(message) => policy.bad(Error::BadRecord {
+                path: path.to_path_buf(),
+                line,
+                message,
+            })?,
         }
     }
-
-    fn bad(&mut self, line: usize, message: String) -> Result<()> {
-        self.policy.bad(Error::BadRecord {
-            path: self.path.to_path_buf(),
-            line,
-            message,
-        })
-    }
+    Ok(records)
 }
 
 /// The JSON type of a value, for messages.
@@ -321,63 +313,89 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-fn read_json_lines(text: &str, sink: &mut Sink<'_>) -> Result<()> {
-    for (i, line) in text.lines().enumerate() {
-        if sink.full() {
-            break;
+/// Whether the first non-blank byte of `path` is `{` (a `.json` file of JSON lines).
+fn starts_with_object(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    for byte in std::io::BufReader::new(file).bytes() {
+        let byte = byte.map_err(|e| Error::io(path, e))?;
+        if !byte.is_ascii_whitespace() {
+            return Ok(byte == b'{');
         }
-        if line.trim().is_empty() {
+    }
+    Ok(false)
+}
+
+fn json_lines(path: &Path, file: std::fs::File) -> Entries {
+    use std::io::BufRead;
+    let path = path.to_path_buf();
+    let mut reader = std::io::BufReader::with_capacity(READ_BUFFER, file);
+    let mut number = 0;
+    let mut line = Vec::new();
+    Box::new(std::iter::from_fn(move || loop {
+        line.clear();
+        number += 1;
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => return None,
+            Ok(_) => {}
+            Err(e) => return Some(Err(Error::io(&path, e))),
+        }
+        let text = match std::str::from_utf8(&line) {
+            Ok(text) => text,
+            Err(e) => return Some(Ok((number, Err(format!("not UTF-8 text: {e}"))))),
+        };
+        if text.trim().is_empty() {
             continue;
         }
-        let value = serde_json::from_str::<Value>(line).map_err(|e| format!("invalid JSON: {e}"));
-        sink.push(i + 1, value)?;
-    }
-    Ok(())
+        let value = serde_json::from_str::<Value>(text).map_err(|e| format!("invalid JSON: {e}"));
+        return Some(Ok((number, value)));
+    }))
 }
 
-fn read_json_array(text: &str, sink: &mut Sink<'_>) -> Result<()> {
-    let items: Vec<Value> = serde_json::from_str(text).map_err(|e| {
-        Error::bad_file(sink.path, format!("expected a JSON array of records: {e} (use format = \"jsonl\" for one object per line)"))
+fn json_array(path: &Path) -> Result<Entries> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let items: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
+        Error::bad_file(
+            path,
+            format!(
+                "expected a JSON array of records: {e} (use format = \"jsonl\" for one object per line)"
+            ),
+        )
     })?;
-    for (i, item) in items.into_iter().enumerate() {
-        if sink.full() {
-            break;
-        }
-        sink.push(i + 1, Ok(item))?;
-    }
-    Ok(())
+    Ok(Box::new(
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| Ok((i + 1, Ok(item)))),
+    ))
 }
 
-fn read_delimited(text: &str, delimiter: u8, sink: &mut Sink<'_>) -> Result<()> {
+fn delimited(path: &Path, file: std::fs::File, delimiter: u8) -> Result<Entries> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .has_headers(true)
-        .from_reader(text.as_bytes());
+        .buffer_capacity(READ_BUFFER)
+        .from_reader(file);
     let headers = reader
         .headers()
-        .map_err(|e| Error::bad_file(sink.path, format!("cannot read the header row: {e}")))?
+        .map_err(|e| Error::bad_file(path, format!("cannot read the header row: {e}")))?
         .clone();
-    for row in reader.records() {
-        if sink.full() {
-            break;
+    let path = path.to_path_buf();
+    Ok(Box::new(reader.into_records().map(move |row| match row {
+        Ok(row) => {
+            let line = row.position().map_or(0, |p| p.line() as usize);
+            let object: Map<String, Value> = headers
+                .iter()
+                .zip(row.iter())
+                .map(|(h, v)| (h.to_owned(), Value::String(v.to_owned())))
+                .collect();
+            Ok((line, Ok(Value::Object(object))))
         }
-        match row {
-            Ok(row) => {
-                let line = row.position().map_or(0, |p| p.line() as usize);
-                let object: Map<String, Value> = headers
-                    .iter()
-                    .zip(row.iter())
-                    .map(|(h, v)| (h.to_owned(), Value::String(v.to_owned())))
-                    .collect();
-                sink.push(line, Ok(Value::Object(object)))?;
-            }
-            Err(e) => match e.position() {
-                Some(pos) => sink.bad(pos.line() as usize, e.to_string())?,
-                None => return Err(Error::bad_file(sink.path, e.to_string())),
-            },
-        }
-    }
-    Ok(())
+        Err(e) => match e.position() {
+            Some(pos) => Ok((pos.line() as usize, Err(e.to_string()))),
+            None => Err(Error::bad_file(&path, e.to_string())),
+        },
+    })))
 }
 
 #[cfg(test)]

@@ -294,33 +294,79 @@ fn assistant_spans(
 /// end with it) and cuts the stream into chunks of `max_seq_len` tokens. A last chunk with
 /// nothing to train on is dropped. Classification examples are returned unchanged.
 pub fn pack(examples: Vec<Example>, max_seq_len: usize, eos: Option<u32>) -> Vec<Example> {
-    let mut ids: Vec<u32> = Vec::new();
-    let mut labels: Vec<i64> = Vec::new();
-    let mut unpackable = Vec::new();
+    let mut packer = Packer::new(max_seq_len, eos);
+    let mut out = Vec::new();
     for example in examples {
-        match example.labels {
-            ExampleLabels::Tokens(l) => {
-                ids.extend_from_slice(&example.input_ids);
-                labels.extend_from_slice(&l);
-                if let Some(eos) = eos {
-                    if ids.last() != Some(&eos) {
-                        ids.push(eos);
-                        labels.push(i64::from(eos));
-                    }
-                }
-            }
-            ExampleLabels::Class(_) => unpackable.push(example),
+        packer.push(example, &mut out);
+    }
+    out.extend(packer.finish());
+    out
+}
+
+/// [`pack`] one example at a time, for streamed data: full chunks come out as soon as they
+/// fill; [`Packer::finish`] gives the last, shorter one.
+#[derive(Debug)]
+pub struct Packer {
+    max_seq_len: usize,
+    eos: Option<u32>,
+    ids: Vec<u32>,
+    labels: Vec<i64>,
+}
+
+impl Packer {
+    /// A packer into chunks of `max_seq_len` tokens, examples separated by `eos`.
+    pub fn new(max_seq_len: usize, eos: Option<u32>) -> Packer {
+        Packer {
+            max_seq_len: max_seq_len.max(1),
+            eos,
+            ids: Vec::new(),
+            labels: Vec::new(),
         }
     }
-    let chunks = ids
-        .chunks(max_seq_len)
-        .zip(labels.chunks(max_seq_len))
-        .filter(|(i, l)| i.len() >= 2 && has_target(l))
-        .map(|(i, l)| Example {
-            input_ids: i.to_vec(),
-            labels: ExampleLabels::Tokens(l.to_vec()),
-        });
-    unpackable.into_iter().chain(chunks).collect()
+
+    /// Adds `example`; pushes the chunks it completes (or, for a classification example, the
+    /// example itself) onto `out`.
+    pub fn push(&mut self, example: Example, out: &mut Vec<Example>) {
+        let labels = match example.labels {
+            ExampleLabels::Tokens(labels) => labels,
+            ExampleLabels::Class(_) => {
+                out.push(example);
+                return;
+            }
+        };
+        self.ids.extend_from_slice(&example.input_ids);
+        self.labels.extend_from_slice(&labels);
+        if let Some(eos) = self.eos {
+            if self.ids.last() != Some(&eos) {
+                self.ids.push(eos);
+                self.labels.push(i64::from(eos));
+            }
+        }
+        let full = self.ids.len() / self.max_seq_len * self.max_seq_len;
+        if full == 0 {
+            return;
+        }
+        let ids: Vec<u32> = self.ids.drain(..full).collect();
+        let labels: Vec<i64> = self.labels.drain(..full).collect();
+        out.extend(
+            ids.chunks(self.max_seq_len)
+                .zip(labels.chunks(self.max_seq_len))
+                .filter_map(|(i, l)| chunk(i, l)),
+        );
+    }
+
+    /// The last chunk (shorter than `max_seq_len`), unless it has nothing to train on.
+    pub fn finish(self) -> Option<Example> {
+        chunk(&self.ids, &self.labels)
+    }
+}
+
+/// A packed chunk, when it has at least 2 tokens and a target.
+fn chunk(ids: &[u32], labels: &[i64]) -> Option<Example> {
+    (ids.len() >= 2 && has_target(labels)).then(|| Example {
+        input_ids: ids.to_vec(),
+        labels: ExampleLabels::Tokens(labels.to_vec()),
+    })
 }
 
 #[cfg(test)]

@@ -73,6 +73,12 @@ impl ContinualConfig {
     /// Refuses an empty or ambiguous task list, replay settings out of range, and tasks whose
     /// data settings are invalid or hold no validation data (forgetting needs it).
     pub fn validate(&self, base: &DataConfig) -> Result<()> {
+        if base.streaming {
+            return Err(Error::config(
+                "[data] streaming = true is not supported with [continual] yet; each task's data \
+                 is read into memory (set streaming = false)",
+            ));
+        }
         if self.tasks.is_empty() {
             return Err(Error::config(
                 "[continual] lists no task; add [[continual.tasks]] tables with a name and their \
@@ -378,7 +384,7 @@ pub fn train_sequence(
             ..output.clone()
         };
         let fit_data = FitData {
-            train,
+            train: train.into(),
             validation: &task.validation,
             pad_id,
             method,

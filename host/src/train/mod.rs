@@ -21,5 +21,5 @@ pub mod teacher;
 pub mod trainer;
 
 pub use eval::{evaluate, EvalMetrics};
-pub use run::{fit, run, FitData, RunOptions, RunSummary, StepCallback};
+pub use run::{fit, run, FitData, RunOptions, RunSummary, StepCallback, TrainSource};
 pub use trainer::{Objective, StepStats, Trainer};

@@ -175,11 +175,93 @@ impl fmt::Display for RunSummary {
     }
 }
 
+/// Where the training examples come from.
+#[derive(Debug, Clone, Copy)]
+pub enum TrainSource<'a> {
+    /// Examples in memory, in a seeded order per epoch.
+    Examples(&'a [Example]),
+    /// Examples streamed from the files each epoch (`[data] streaming = true`).
+    Stream(&'a crate::data::StreamingData),
+}
+
+impl<'a> From<&'a [Example]> for TrainSource<'a> {
+    fn from(examples: &'a [Example]) -> Self {
+        TrainSource::Examples(examples)
+    }
+}
+
+impl<'a> From<&'a Vec<Example>> for TrainSource<'a> {
+    fn from(examples: &'a Vec<Example>) -> Self {
+        TrainSource::Examples(examples)
+    }
+}
+
+/// The batches of one epoch, from a given batch on.
+type EpochBatches<'a> = std::iter::Peekable<Box<dyn Iterator<Item = Result<Vec<Example>>> + 'a>>;
+
+impl<'a> TrainSource<'a> {
+    /// Batches per epoch, when known before reading (not for a stream).
+    fn batches_per_epoch(&self, order: Option<&BatchOrder>) -> Option<usize> {
+        match self {
+            TrainSource::Examples(_) => order.map(BatchOrder::num_batches),
+            TrainSource::Stream(_) => None,
+        }
+    }
+
+    /// The batches of `epoch` from batch `skip` on.
+    fn epoch(
+        &self,
+        order: Option<&BatchOrder>,
+        epoch: usize,
+        skip: usize,
+        batch_size: usize,
+        seed: u64,
+        counts: Option<Arc<crate::data::stream::StreamCounts>>,
+    ) -> Result<EpochBatches<'a>> {
+        let batches: Box<dyn Iterator<Item = Result<Vec<Example>>> + 'a> = match (*self, order) {
+            (TrainSource::Examples(examples), Some(order)) => Box::new(
+                order
+                    .batches(epoch)
+                    .into_iter()
+                    .skip(skip)
+                    .map(move |indices| Ok(indices.iter().map(|&i| examples[i].clone()).collect())),
+            ),
+            (TrainSource::Stream(stream), _) => {
+                let mut examples = stream.epoch(epoch, seed, counts)?;
+                let mut batches = std::iter::from_fn(move || {
+                    let mut batch = Vec::with_capacity(batch_size);
+                    for example in examples.by_ref() {
+                        match example {
+                            Ok(e) => batch.push(e),
+                            Err(e) => return Some(Err(e)),
+                        }
+                        if batch.len() == batch_size {
+                            break;
+                        }
+                    }
+                    (!batch.is_empty()).then_some(Ok(batch))
+                });
+                // Reading is deterministic: a resumed epoch skips the batches already trained.
+                for _ in 0..skip {
+                    if let Some(Err(e)) = batches.next() {
+                        return Err(e);
+                    }
+                }
+                Box::new(batches)
+            }
+            (TrainSource::Examples(_), None) => {
+                return Err(Error::config("in-memory examples need a batch order"))
+            }
+        };
+        Ok(batches.peekable())
+    }
+}
+
 /// Tokenized examples to train on.
 #[derive(Debug, Clone, Copy)]
 pub struct FitData<'a> {
     /// Training examples.
-    pub train: &'a [Example],
+    pub train: TrainSource<'a>,
     /// Validation examples (may be empty: then there is no evaluation and no `best/`).
     pub validation: &'a [Example],
     /// Padding token id.
@@ -371,14 +453,33 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         plugin_paths,
     } = load_run(recipe, opts)?;
     let model = loaded.model.as_ref();
-    let data = crate::data::prepare_with_plugins(&recipe.data, &loaded, &plugin_paths)?;
-    check_label_count(data.label_count, model)?;
+    let (memory, stream);
+    let (train, validation, answers, label_count, skipped) = if recipe.data.streaming {
+        stream = crate::data::prepare_streaming(&recipe.data, &loaded, &plugin_paths)?;
+        (
+            TrainSource::Stream(&stream),
+            &stream.validation,
+            &stream.answers,
+            stream.label_count,
+            stream.validation_skipped,
+        )
+    } else {
+        memory = crate::data::prepare_with_plugins(&recipe.data, &loaded, &plugin_paths)?;
+        (
+            TrainSource::from(&memory.train),
+            &memory.validation,
+            &memory.answers,
+            memory.label_count,
+            memory.skipped,
+        )
+    };
+    check_label_count(label_count, model)?;
     write_recipe_copy(recipe)?;
     let dir = &recipe.output.dir;
 
     let fit_data = FitData {
-        train: &data.train,
-        validation: &data.validation,
+        train,
+        validation,
         pad_id: loaded.special.pad,
         method: method.as_ref(),
         objective: Some(&objective),
@@ -391,15 +492,15 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         &device,
         opts,
     )?;
-    summary.skipped_records = data.skipped;
+    summary.skipped_records += skipped;
     summary.adapter_dir = save_adapter(recipe, model, method.as_ref())?;
-    if !data.answers.is_empty() {
+    if !answers.is_empty() {
         let limit = recipe.data.max_answer_examples;
         tracing::info!(
-            questions = limit.unwrap_or(data.answers.len()).min(data.answers.len()),
+            questions = limit.unwrap_or(answers.len()).min(answers.len()),
             "answering held-out instructions"
         );
-        let metrics = super::answers::answer_accuracy(&loaded, &data.answers, limit)?;
+        let metrics = super::answers::answer_accuracy(&loaded, answers, limit)?;
         let path = dir.join("answers.json");
         let text = serde_json::to_string_pretty(&metrics)
             .map_err(|e| Error::config(format!("cannot write {}: {e}", path.display())))?;
@@ -439,6 +540,8 @@ struct Session<'a> {
     session_tokens: usize,
     session_train_s: f64,
     session_steps: usize,
+    /// What the first streamed epoch read (streaming only).
+    first_epoch_counts: Arc<crate::data::stream::StreamCounts>,
 }
 
 impl Session<'_> {
@@ -467,8 +570,19 @@ impl Session<'_> {
             peak_rss_mb: crate::bench::peak_rss_mb(),
             initial_eval,
             elapsed_s: self.elapsed_before + self.started.elapsed().as_secs_f64(),
-            skipped_records: 0,
-            train_examples: self.data.train.len(),
+            skipped_records: match self.data.train {
+                TrainSource::Examples(_) => 0,
+                TrainSource::Stream(_) => {
+                    crate::data::stream::StreamCounts::get(&self.first_epoch_counts.skipped)
+                }
+            },
+            train_examples: match self.data.train {
+                TrainSource::Examples(examples) => examples.len(),
+                // Examples of the first epoch read so far (all of them once it was read whole).
+                TrainSource::Stream(_) => {
+                    crate::data::stream::StreamCounts::get(&self.first_epoch_counts.examples)
+                }
+            },
             validation_examples: self.data.validation.len(),
             loss_history: self.state.loss_history,
             output_dir: self.output.dir.clone(),
@@ -606,12 +720,26 @@ pub fn fit(
     opts: &RunOptions,
 ) -> Result<RunSummary> {
     training.validate()?;
-    if data.train.is_empty() {
-        return Err(Error::config("no training examples"));
-    }
-    let order = BatchOrder::shuffled(data.train.len(), training.batch_size, training.seed)?;
-    let batches_per_epoch = order.num_batches();
-    let total_steps = training.total_steps(batches_per_epoch);
+    let order = match data.train {
+        TrainSource::Examples([]) => return Err(Error::config("no training examples")),
+        TrainSource::Examples(examples) => Some(BatchOrder::shuffled(
+            examples.len(),
+            training.batch_size,
+            training.seed,
+        )?),
+        TrainSource::Stream(_) => None,
+    };
+    let batches_per_epoch = data.train.batches_per_epoch(order.as_ref());
+    let total_steps = match (batches_per_epoch, training.max_steps) {
+        (Some(n), _) => training.total_steps(n),
+        (None, Some(n)) => n,
+        (None, None) => {
+            return Err(Error::config(
+                "[data] streaming = true needs [training] max_steps: a stream's number of \
+                 batches is not known before it is read",
+            ))
+        }
+    };
     let mut trainer = Trainer::with_method(model, data.method.cloned(), training, total_steps)?
         .with_objective(data.objective.cloned().unwrap_or_default());
     let mut state = TrainerState::new(training.seed, total_steps);
@@ -660,9 +788,10 @@ pub fn fit(
         trainable = trainer.num_trainable(),
         total = model.params().num_params(),
         steps = total_steps,
-        batches_per_epoch,
+        batches_per_epoch = ?batches_per_epoch,
         "training"
     );
+    let first_epoch_counts = Arc::new(crate::data::stream::StreamCounts::default());
     let mut s = Session {
         model,
         data,
@@ -678,6 +807,7 @@ pub fn fit(
         session_tokens: 0,
         session_train_s: 0.0,
         session_steps: 0,
+        first_epoch_counts: first_epoch_counts.clone(),
     };
     let mut initial_eval = None;
     if training.eval_at_start && s.state.step == 0 {
@@ -686,8 +816,16 @@ pub fn fit(
     }
     let accumulation = training.gradient_accumulation_steps;
     while s.state.step < total_steps {
-        let epoch_batches = order.batches(s.state.epoch);
-        while s.state.batch_in_epoch < epoch_batches.len() && s.state.step < total_steps {
+        let counts = (s.state.epoch == 0).then(|| first_epoch_counts.clone());
+        let mut batches = data.train.epoch(
+            order.as_ref(),
+            s.state.epoch,
+            s.state.batch_in_epoch,
+            training.batch_size,
+            training.seed,
+            counts,
+        )?;
+        while batches.peek().is_some() && s.state.step < total_steps {
             if opts
                 .cancel
                 .as_ref()
@@ -702,13 +840,15 @@ pub fn fit(
                 );
                 return Err(Error::Cancelled);
             }
-            let start = s.state.batch_in_epoch;
-            let end = (start + accumulation).min(epoch_batches.len());
-            let micro = epoch_batches[start..end]
+            let examples = batches
+                .by_ref()
+                .take(accumulation)
+                .collect::<Result<Vec<_>>>()?;
+            let micro = examples
                 .iter()
-                .map(|indices| {
-                    let examples: Vec<&Example> = indices.iter().map(|&i| &data.train[i]).collect();
-                    collate(&examples, data.pad_id, device)
+                .map(|batch| {
+                    let refs: Vec<&Example> = batch.iter().collect();
+                    collate(&refs, data.pad_id, device)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let stats = s.trainer.train_step(model, &micro)?;
@@ -719,7 +859,7 @@ pub fn fit(
                     "the method changed which base parameters train"
                 );
             }
-            s.record_step(&stats, end - start)?;
+            s.record_step(&stats, micro.len())?;
             if let Some(m) = data.method {
                 m.on_event(&Event::StepEnd {
                     step: stats.step as u64,
@@ -752,7 +892,7 @@ pub fn fit(
                 return Ok(s.into_summary(initial_eval, false));
             }
         }
-        if s.state.batch_in_epoch >= epoch_batches.len() {
+        if batches.peek().is_none() {
             s.state.epoch += 1;
             s.state.batch_in_epoch = 0;
             if let Some(m) = data.method {
