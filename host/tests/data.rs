@@ -286,3 +286,52 @@ fn smollm2_chat_template_trains_only_on_assistant_turns() {
         "{rendered}"
     );
 }
+
+#[test]
+fn uci_streamed_epochs_are_seeded_permutations_and_the_hash_split_is_disjoint() {
+    let mut cfg = uci_config(&UCI);
+    cfg.skip_bad_records = true;
+    cfg.validation_ratio = 0.0;
+    let all = classify(&cfg).unwrap();
+    let mut streamed_cfg = cfg.clone();
+    streamed_cfg.streaming = true;
+    streamed_cfg.validation_ratio = 0.2;
+    streamed_cfg.shuffle_buffer = 500;
+    let stream = whetstone_host::data::stream::prepare_streaming_with(
+        &streamed_cfg,
+        CLASSIFY,
+        &minilm_tokenizer(),
+        minilm_special(),
+        None,
+        &[],
+    )
+    .unwrap();
+    let epoch = |e: usize| -> Vec<Example> {
+        stream
+            .epoch(e, 42, None)
+            .unwrap()
+            .collect::<whetstone_host::Result<_>>()
+            .unwrap()
+    };
+    let first = epoch(0);
+    // About a fifth held out, by a hash of file and line.
+    let share = stream.validation.len() as f64 / all.train.len() as f64;
+    assert!((0.17..0.23).contains(&share), "{share}");
+    // Training and held-out examples together are the in-memory examples, each once.
+    let key = |e: &Example| format!("{:?}", e);
+    let mut together: Vec<String> = first.iter().chain(&stream.validation).map(key).collect();
+    let mut expected: Vec<String> = all.train.iter().map(key).collect();
+    together.sort();
+    expected.sort();
+    assert_eq!(together, expected);
+    // The same epoch is the same order; the next epoch another; neither is the file order.
+    assert_eq!(epoch(0), first);
+    let second = epoch(1);
+    assert_ne!(second, first);
+    let in_file_order: Vec<&Example> = all
+        .train
+        .iter()
+        .filter(|e| !stream.validation.contains(e))
+        .collect();
+    assert_ne!(first.iter().collect::<Vec<_>>(), in_file_order);
+}
