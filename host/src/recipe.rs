@@ -523,6 +523,12 @@ impl Recipe {
             Some(continual) => continual.validate(&self.data)?,
             None => self.data.validate()?,
         }
+        if self.data.streaming && self.training.max_steps.is_none() {
+            return Err(Error::config(
+                "[data] streaming = true needs [training] max_steps: a stream's number of batches \
+                 is not known before it is read",
+            ));
+        }
         if self.teacher.is_some() && self.loss.is_none() {
             return Err(Error::config(
                 "[teacher] needs a [loss] that uses the teacher's logits, e.g. kind = \"distill\" \
@@ -570,6 +576,32 @@ mod tests {
         assert_eq!(r.training, TrainingConfig::default());
         assert!(r.output.save_best && r.output.plot);
         assert_eq!(r.training.total_steps(10), 10);
+    }
+
+    #[test]
+    fn data_loaders_and_streaming_parse_and_validate() {
+        let text = MINIMAL.replace(
+            "[output]",
+            "streaming = true\nshuffle_buffer = 64\n[data.loader]\nkind = \"csv\"\n\
+             delimiter = \"\\t\"\n[training]\nmax_steps = 10\n[output]",
+        );
+        let r = Recipe::from_toml_str(&text, "r.toml").unwrap();
+        let loader = r.data.loader.as_ref().unwrap();
+        assert_eq!(
+            (loader.kind.as_str(), loader.config["delimiter"].as_str()),
+            ("csv", Some("\t"))
+        );
+        assert!(r.data.streaming && r.data.shuffle_buffer == 64);
+        let unbounded = text.replace("max_steps = 10", "epochs = 1");
+        let err = Recipe::from_toml_str(&unbounded, "r.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_steps"), "{err}");
+        let both = text.replace("streaming = true", "format = \"csv\"");
+        let err = Recipe::from_toml_str(&both, "r.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keep one"), "{err}");
     }
 
     #[test]
