@@ -62,12 +62,13 @@ fn a_large_json_lines_file_streams_in_bounded_memory() {
     }
     file.flush().unwrap();
     drop(file);
+    // `whet data scan` streams the data whether or not the recipe sets `streaming`.
     let recipe = dir.path().join("recipe.toml");
     std::fs::write(
         &recipe,
         format!(
             "[model]\npath = \"asset:all-minilm-l6-v2\"\ntask = \"classification\"\nnum_labels = 2\n\
-             [data]\ntrain = [\"{}\"]\nvalidation_ratio = 0\nstreaming = true\nmax_seq_len = 64\n\
+             [data]\ntrain = [\"{}\"]\nvalidation_ratio = 0\nmax_seq_len = 64\n\
              [output]\ndir = \"{}\"\n",
             data.display(),
             dir.path().join("out").display()
