@@ -158,14 +158,20 @@ pub fn evaluate_adapter(recipe: &Recipe, adapter: &AdapterOptions) -> Result<Eva
 fn evaluate_loaded(recipe: &Recipe, loaded: &LoadedModel) -> Result<EvalMetrics> {
     let device = recipe.training.device()?;
     let model = loaded.model.as_ref();
-    let data = whetstone_host::data::prepare_with_plugins(&recipe.data, loaded, &recipe.plugins)?;
-    if data.validation.is_empty() {
+    // A streaming recipe holds out by a hash of file and line: the split its training used.
+    let validation = if recipe.data.streaming {
+        whetstone_host::data::prepare_streaming(&recipe.data, loaded, &recipe.plugins)?.validation
+    } else {
+        whetstone_host::data::prepare_with_plugins(&recipe.data, loaded, &recipe.plugins)?
+            .validation
+    };
+    if validation.is_empty() {
         bail!("the recipe has no held-out data: set data.validation files or data.validation_ratio > 0");
     }
     let batch = recipe.training.eval_batch_size();
     Ok(train::evaluate(
         model,
-        &data.validation,
+        &validation,
         batch,
         loaded.special.pad,
         &device,
