@@ -104,13 +104,8 @@ fn prepare_parts(
         special,
         chat_template,
     } = model;
-    cfg.validate()?;
+    check_task(cfg, task)?;
     let packing = cfg.packing;
-    if packing && task != TaskKind::CausalLm {
-        return Err(Error::config(
-            "[data] packing = true applies to causal language models only; remove it",
-        ));
-    }
     let fields = FieldMap::from_config(cfg);
     let mut policy = BadRecordPolicy::new(cfg.skip_bad_records);
     let loader = cfg
@@ -136,13 +131,6 @@ fn prepare_parts(
     }
     let mut answers = Vec::new();
     if let Some(template) = &cfg.instruction_template {
-        if task != TaskKind::CausalLm {
-            return Err(Error::config(
-                "[data] instruction_template turns records into conversations for a causal LM; \
-                 remove it for a classification model",
-            ));
-        }
-        instruct::validate(template, &cfg.label_names)?;
         (train_records, _) = instruct::to_conversations(train_records, template, &cfg.label_names)?;
         (validation_records, answers) =
             instruct::to_conversations(validation_records, template, &cfg.label_names)?;
@@ -201,6 +189,27 @@ fn prepare_parts(
         label_count,
         answers,
     })
+}
+
+/// Validates `cfg`, and the settings that need a causal LM (`packing`, `instruction_template`)
+/// against `task`.
+pub(crate) fn check_task(cfg: &DataConfig, task: TaskKind) -> Result<()> {
+    cfg.validate()?;
+    if cfg.packing && task != TaskKind::CausalLm {
+        return Err(Error::config(
+            "[data] packing = true applies to causal language models only; remove it",
+        ));
+    }
+    if let Some(template) = &cfg.instruction_template {
+        if task != TaskKind::CausalLm {
+            return Err(Error::config(
+                "[data] instruction_template turns records into conversations for a causal LM; \
+                 remove it for a classification model",
+            ));
+        }
+        instruct::validate(template, &cfg.label_names)?;
+    }
+    Ok(())
 }
 
 /// Splits records into (train, validation) by a seeded shuffle: `round(len * ratio)` records go

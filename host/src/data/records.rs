@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
+use whetstone_sdk::loader::kind;
 
 use super::config::{DataConfig, Format};
 use super::template::ChatMessage;
@@ -299,18 +300,6 @@ pub fn read_records(
         }
     }
     Ok(records)
-}
-
-/// The JSON type of a value, for messages.
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Whether the first non-blank byte of `path` is `{` (a `.json` file of JSON lines).

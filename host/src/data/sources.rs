@@ -138,6 +138,42 @@ fn read_with_loader(
     Ok(records)
 }
 
+/// The class id `[data] file_labels` gives each of `files` that it lists.
+pub fn file_label_ids(
+    files: &[DataFile],
+    cfg: &DataConfig,
+    fields: &FieldMap,
+) -> Result<HashMap<PathBuf, Option<i64>>> {
+    let mut label_of_path = HashMap::new();
+    for file in files {
+        if let Some(value) = cfg.file_labels.get(&file.location) {
+            let id = fields.label_of(Some(value)).map_err(|e| {
+                Error::config(format!("[data] file_labels.\"{}\": {e}", file.location))
+            })?;
+            label_of_path.insert(file.path.clone(), id);
+        }
+    }
+    Ok(label_of_path)
+}
+
+/// Gives `record` its file's label from `label_of_path` ([`file_label_ids`]), if it has one.
+pub fn relabel(
+    record: &mut SourcedRecord,
+    label_of_path: &HashMap<PathBuf, Option<i64>>,
+) -> Result<()> {
+    let Some(id) = label_of_path.get(&record.path) else {
+        return Ok(());
+    };
+    match &mut record.record {
+        Record::Text { label, .. } => *label = *id,
+        _ => {
+            return Err(record
+                .error("[data] file_labels applies to {\"text\"} records only (classification)"))
+        }
+    }
+    Ok(())
+}
+
 /// Gives every record of a file listed in `[data] file_labels` that file's label.
 fn apply_file_labels(
     records: &mut [SourcedRecord],
@@ -148,29 +184,10 @@ fn apply_file_labels(
     if cfg.file_labels.is_empty() {
         return Ok(());
     }
-    let mut label_of_path = HashMap::new();
-    for file in files {
-        if let Some(value) = cfg.file_labels.get(&file.location) {
-            let id = fields.label_of(Some(value)).map_err(|e| {
-                Error::config(format!("[data] file_labels.\"{}\": {e}", file.location))
-            })?;
-            label_of_path.insert(file.path.clone(), id);
-        }
-    }
-    for r in records.iter_mut() {
-        let Some(id) = label_of_path.get(&r.path) else {
-            continue;
-        };
-        match &mut r.record {
-            Record::Text { label, .. } => *label = *id,
-            _ => {
-                return Err(r.error(
-                    "[data] file_labels applies to {\"text\"} records only (classification)",
-                ))
-            }
-        }
-    }
-    Ok(())
+    let label_of_path = file_label_ids(files, cfg, fields)?;
+    records
+        .iter_mut()
+        .try_for_each(|r| relabel(r, &label_of_path))
 }
 
 #[cfg(test)]

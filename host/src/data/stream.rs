@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use super::config::DataConfig;
 use super::instruct::{self, AnswerExample};
 use super::records::{entries, record_of, BadRecordPolicy, FieldMap, Record, SourcedRecord};
-use super::sources::{expand, read_list, DataFile};
+use super::sources::{expand, file_label_ids, read_list, relabel, DataFile};
 use super::tokenize::{pack, Encoder, Example, Packer};
 use crate::model::load::{LoadedModel, SpecialTokens};
 use crate::model::TaskKind;
@@ -130,21 +130,7 @@ pub fn prepare_streaming_with(
     chat_template: Option<&str>,
     plugins: &[PathBuf],
 ) -> Result<StreamingData> {
-    cfg.validate()?;
-    if cfg.packing && task != TaskKind::CausalLm {
-        return Err(Error::config(
-            "[data] packing = true applies to causal language models only; remove it",
-        ));
-    }
-    if let Some(template) = &cfg.instruction_template {
-        if task != TaskKind::CausalLm {
-            return Err(Error::config(
-                "[data] instruction_template turns records into conversations for a causal LM; \
-                 remove it for a classification model",
-            ));
-        }
-        instruct::validate(template, &cfg.label_names)?;
-    }
+    super::prepare::check_task(cfg, task)?;
     let loader = cfg
         .loader
         .as_ref()
@@ -260,7 +246,7 @@ impl StreamingData {
         &self,
         filter: RecordFilter,
     ) -> Result<Box<dyn Iterator<Item = Result<Option<SourcedRecord>>> + '_>> {
-        let labels = self.file_labels()?;
+        let labels = file_label_ids(&self.files, &self.cfg, &self.fields)?;
         let raw: Box<dyn Iterator<Item = Result<RawRecord>> + '_> = match &self.loader {
             Some(plugin) => {
                 let config = self
@@ -320,7 +306,11 @@ impl StreamingData {
                     return Ok(None);
                 }
                 let mut record = match raw.record {
-                    Ok(record) => record,
+                    Ok(record) => SourcedRecord {
+                        record,
+                        path: raw.path,
+                        line: raw.line,
+                    },
                     Err(message) => {
                         return Err(Error::BadRecord {
                             path: raw.path,
@@ -329,42 +319,11 @@ impl StreamingData {
                         })
                     }
                 };
-                if let Some((_, id)) = labels.iter().find(|(p, _)| *p == raw.path) {
-                    match &mut record {
-                        Record::Text { label, .. } => *label = *id,
-                        _ => {
-                            return Err(Error::BadRecord {
-                                path: raw.path,
-                                line: raw.line,
-                                message: "[data] file_labels applies to {\"text\"} records only \
-                                          (classification)"
-                                    .into(),
-                            })
-                        }
-                    }
-                }
+                relabel(&mut record, &labels)?;
                 usable.set(usable.get() + 1);
-                Ok(Some(SourcedRecord {
-                    record,
-                    path: raw.path,
-                    line: raw.line,
-                }))
+                Ok(Some(record))
             });
         Ok(Box::new(records))
-    }
-
-    /// The label of each file listed in `[data] file_labels`.
-    fn file_labels(&self) -> Result<Vec<(PathBuf, Option<i64>)>> {
-        let mut labels = Vec::new();
-        for file in &self.files {
-            if let Some(value) = self.cfg.file_labels.get(&file.location) {
-                let id = self.fields.label_of(Some(value)).map_err(|e| {
-                    Error::config(format!("[data] file_labels.\"{}\": {e}", file.location))
-                })?;
-                labels.push((file.path.clone(), id));
-            }
-        }
-        Ok(labels)
     }
 
     /// Records turned into conversations by `instruction_template` (when set).

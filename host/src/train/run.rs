@@ -196,8 +196,11 @@ impl<'a> From<&'a Vec<Example>> for TrainSource<'a> {
     }
 }
 
+/// A batch: borrowed from memory, or owned when streamed.
+type BatchExamples<'a> = Vec<std::borrow::Cow<'a, Example>>;
 /// The batches of one epoch, from a given batch on.
-type EpochBatches<'a> = std::iter::Peekable<Box<dyn Iterator<Item = Result<Vec<Example>>> + 'a>>;
+type EpochBatches<'a> =
+    std::iter::Peekable<Box<dyn Iterator<Item = Result<BatchExamples<'a>>> + 'a>>;
 
 impl<'a> TrainSource<'a> {
     /// Batches per epoch, when known before reading (not for a stream).
@@ -218,13 +221,20 @@ impl<'a> TrainSource<'a> {
         seed: u64,
         counts: Option<Arc<crate::data::stream::StreamCounts>>,
     ) -> Result<EpochBatches<'a>> {
-        let batches: Box<dyn Iterator<Item = Result<Vec<Example>>> + 'a> = match (*self, order) {
+        use std::borrow::Cow;
+        let batches: Box<dyn Iterator<Item = Result<BatchExamples<'a>>> + 'a> = match (*self, order)
+        {
             (TrainSource::Examples(examples), Some(order)) => Box::new(
                 order
                     .batches(epoch)
                     .into_iter()
                     .skip(skip)
-                    .map(move |indices| Ok(indices.iter().map(|&i| examples[i].clone()).collect())),
+                    .map(move |indices| {
+                        Ok(indices
+                            .iter()
+                            .map(|&i| Cow::Borrowed(&examples[i]))
+                            .collect())
+                    }),
             ),
             (TrainSource::Stream(stream), _) => {
                 let mut examples = stream.epoch(epoch, seed, counts)?;
@@ -232,7 +242,7 @@ impl<'a> TrainSource<'a> {
                     let mut batch = Vec::with_capacity(batch_size);
                     for example in examples.by_ref() {
                         match example {
-                            Ok(e) => batch.push(e),
+                            Ok(e) => batch.push(Cow::Owned(e)),
                             Err(e) => return Some(Err(e)),
                         }
                         if batch.len() == batch_size {
@@ -847,7 +857,7 @@ pub fn fit(
             let micro = examples
                 .iter()
                 .map(|batch| {
-                    let refs: Vec<&Example> = batch.iter().collect();
+                    let refs: Vec<&Example> = batch.iter().map(|e| e.as_ref()).collect();
                     collate(&refs, data.pad_id, device)
                 })
                 .collect::<Result<Vec<_>>>()?;
