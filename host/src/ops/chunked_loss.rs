@@ -131,7 +131,7 @@ fn chunked(
     for start in (0..rows).step_by(chunk) {
         let len = chunk.min(rows - start);
         let h_chunk = h.narrow(0, start, len)?;
-        let logits = h_chunk.matmul(&wt)?;
+        let logits = super::matmul(&h_chunk, &wt)?;
         let chunk_targets = &targets[start..start + len];
         let (sum, grad) = match kernel {
             Kernel::Fused => fused::loss_sum_and_grad(&logits, chunk_targets, scale)?,
@@ -139,9 +139,9 @@ fn chunked(
         };
         drop(logits);
         loss_sum += sum;
-        d_hidden.push(grad.matmul(&w)?);
+        d_hidden.push(super::matmul(&grad, &w)?);
         if weight_trains {
-            let dw = grad.t()?.matmul(&h_chunk)?;
+            let dw = super::matmul(&grad.t()?, &h_chunk)?;
             d_weight = Some(match d_weight {
                 Some(acc) => (acc + dw)?,
                 None => dw,

@@ -38,13 +38,25 @@ impl CustomOp1 for FrozenLinear {
         x_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let bmnk = self.bmnk(x_layout)?;
+        let (_, rows, n, k) = bmnk;
+        if let (CpuStorage::F32(data), Some((begin, end))) = (x, x_layout.contiguous_offsets()) {
+            // OpenBLAS when it is loaded: B = Wᵀ, whose storage is W's.
+            let out = super::matmul::with_operand(&self.weight, |w| {
+                let x = &data[begin..end];
+                (w.batch == 1).then_some(())?;
+                super::blas::sgemm((x, false), (w.values, !w.transposed), rows, n, k)
+            });
+            if let Some(out) = out {
+                return Ok((CpuStorage::F32(out), Shape::from((rows, n))));
+            }
+        }
         let (storage, w_layout) = self.weight.storage_and_layout();
         let Storage::Cpu(w) = &*storage else {
             candle_core::bail!("frozen linear: weight is not on the CPU");
         };
         let wt_layout = w_layout.transpose(0, 1)?;
         let out = x.matmul(w, bmnk, x_layout, &wt_layout)?;
-        Ok((out, Shape::from((bmnk.1, bmnk.2))))
+        Ok((out, Shape::from((rows, n))))
     }
 
     #[cfg(feature = "cuda")]
@@ -69,7 +81,7 @@ impl CustomOp1 for FrozenLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
+        Ok(Some(super::matmul(grad, &self.weight)?))
     }
 }
 
@@ -103,6 +115,27 @@ pub(super) fn apply_to_rows<C: CustomOp1 + Send + Sync + 'static>(
     let mut out_dims = dims;
     let last = out_dims.len() - 1;
     out_dims[last] = y.dim(1)?;
+    y.reshape(out_dims)
+}
+
+/// `a · b` for `a` `[..., m, k]` and a matrix or batch `b`. With a 2-D `b` and leading
+/// dimensions on `a` (a linear layer over `[batch, seq, in]`), the leading dimensions are
+/// folded into the rows: one `[batch · seq, k] · [k, n]` product instead of a batch of small
+/// ones over a broadcast copy of `b`, and backward sums no broadcast gradient of `b`.
+pub fn matmul_rows(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if b.rank() != 2 {
+        return a.broadcast_matmul(b);
+    }
+    if a.rank() <= 2 {
+        return super::matmul(a, b);
+    }
+    let dims = a.dims();
+    let k = dims[dims.len() - 1];
+    let rows = a.elem_count() / k.max(1);
+    let y = super::matmul(&a.reshape((rows, k))?, b)?;
+    let mut out_dims = dims.to_vec();
+    let last = out_dims.len() - 1;
+    out_dims[last] = b.dim(1)?;
     y.reshape(out_dims)
 }
 
@@ -142,8 +175,7 @@ impl Linear {
         let y = if let Some(q) = self.weight.quantized_matrix() {
             super::quantized_linear(x, &q)?
         } else if self.weight.is_trainable() {
-            let w = self.weight.tensor();
-            x.broadcast_matmul(&w.t()?)?
+            matmul_rows(x, &self.weight.tensor().t()?)?
         } else {
             frozen_linear(x, &self.weight.tensor())?
         };

@@ -13,6 +13,7 @@
 
 mod activation;
 mod attention;
+pub mod blas;
 mod checkpoint;
 mod chunked_loss;
 pub mod composed;
@@ -20,17 +21,19 @@ mod dropout;
 pub mod fused;
 mod linear;
 mod loss;
+mod matmul;
 mod norm;
 mod quantized_linear;
 mod rope;
 
 pub use activation::{gelu, gelu_tanh, silu, swiglu};
-pub use attention::{attention_bias, repeat_kv, scaled_dot_product_attention};
+pub use attention::{attention_bias, attention_softmax, repeat_kv, scaled_dot_product_attention};
 pub use checkpoint::{checkpoint, CheckpointGrads, Recompute};
 pub use chunked_loss::linear_cross_entropy;
 pub use dropout::dropout;
-pub use linear::{frozen_linear, Linear};
+pub use linear::{frozen_linear, matmul_rows, Linear};
 pub use loss::{causal_lm_loss, cross_entropy, IGNORE_INDEX};
+pub use matmul::matmul;
 pub use norm::{layer_norm, rms_norm};
 pub use quantized_linear::quantized_linear;
 pub use rope::{rope, RotaryEmbedding};

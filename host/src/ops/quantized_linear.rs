@@ -51,7 +51,9 @@ impl CustomOp1 for QuantizedLinear {
         for i in 0..self.weight.num_tiles() {
             let (start, w) = self.weight.tile(i).map_err(candle_error)?;
             let width = w.dim(0)?;
-            let y = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let y = super::matmul(&x, &w.t()?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             for (dst, src) in out.chunks_mut(n).zip(y.chunks(width)) {
                 dst[start..start + width].copy_from_slice(src);
             }
@@ -69,7 +71,8 @@ impl CustomOp1 for QuantizedLinear {
         for i in 0..self.weight.num_tiles() {
             let (start, w) = self.weight.tile(i).map_err(candle_error)?;
             let w = w.to_device(grad.device())?.to_dtype(grad.dtype())?;
-            let part = grad.narrow(1, start, w.dim(0)?)?.contiguous()?.matmul(&w)?;
+            let part = grad.narrow(1, start, w.dim(0)?)?.contiguous()?;
+            let part = super::matmul(&part, &w)?;
             dx = Some(match dx {
                 Some(acc) => (acc + part)?,
                 None => part,

@@ -160,11 +160,11 @@ pub fn apply(
     let a = || input(0);
     let b = || input(1);
     let out = match op {
-        Op::Matmul => a()?.broadcast_matmul(b()?),
+        Op::Matmul => ops::matmul_rows(a()?, b()?),
         Op::MatmulT => {
             let rhs = b()?;
             let rt = rhs.t().map_err(err)?;
-            a()?.broadcast_matmul(&rt)
+            ops::matmul_rows(a()?, &rt)
         }
         Op::Add => a()?.broadcast_add(b()?),
         Op::Sub => a()?.broadcast_sub(b()?),
