@@ -1021,3 +1021,224 @@ fn fused_norms_compute_no_gradient_for_frozen_weights() {
     assert!(grads.get(wv.as_tensor()).is_some());
     assert!(grads.get(&x0).is_none());
 }
+
+#[test]
+fn fused_rope_gradients_in_both_layouts() {
+    // Arbitrary tables (not a rotation's), so every index of the backward formula is exercised.
+    let mut rng = rng(40);
+    let cos = rand_tensor(&mut rng, &[5, 8], 1.0);
+    let sin = rand_tensor(&mut rng, &[5, 8], 1.0);
+    let (c, s) = (cos.clone(), sin.clone());
+    let x = rand_tensor(&mut rng, &[2, 3, 5, 8], 1.0);
+    check(
+        "fused rope [b, h, s, d]",
+        &mut rng,
+        &[x],
+        &[0],
+        &move |xs| ops::fused::rope(&xs[0], &c, &s, ops::fused::HeadLayout::HeadsFirst),
+    );
+    let (c, s) = (cos.clone(), sin.clone());
+    let x = rand_tensor(&mut rng, &[2, 5, 3, 8], 1.0);
+    check(
+        "fused rope [b, s, h, d] -> [b, h, s, d]",
+        &mut rng,
+        &[x],
+        &[0],
+        &move |xs| ops::fused::rope(&xs[0], &c, &s, ops::fused::HeadLayout::SeqFirst),
+    );
+    // The same values as the composed formula, the transposing layout included.
+    let x = rand_tensor(&mut rng, &[2, 5, 3, 8], 1.0);
+    let fused = ops::fused::rope(&x, &cos, &sin, ops::fused::HeadLayout::SeqFirst).unwrap();
+    let composed = ops::composed::rope(
+        &x.transpose(1, 2).unwrap().contiguous().unwrap(),
+        &cos,
+        &sin,
+    )
+    .unwrap();
+    assert_eq!(fused.dims(), [2, 3, 5, 8]);
+    assert!(rel_err(&flat(&fused), &flat(&composed)) < 1e-15);
+}
+
+#[test]
+fn fused_rope_matches_composed_in_f32() {
+    let mut rng = rng(41);
+    let cos = to_f32(&rand_tensor(&mut rng, &[7, 16], 1.0));
+    let sin = to_f32(&rand_tensor(&mut rng, &[7, 16], 1.0));
+    let x = to_f32(&rand_tensor(&mut rng, &[2, 4, 7, 16], 2.0));
+    let (c1, s1, c2, s2) = (cos.clone(), sin.clone(), cos.clone(), sin.clone());
+    fused_vs_composed(
+        "rope f32",
+        &mut rng,
+        &[x],
+        &[0],
+        &move |xs| ops::fused::rope(&xs[0], &c1, &s1, ops::fused::HeadLayout::HeadsFirst),
+        &move |xs| ops::composed::rope(&xs[0], &c2, &s2),
+    );
+    // The model's rotary embedding: applied to [b, s, h, d] it equals the rotation of the
+    // transposed heads.
+    let rotary = RotaryEmbedding::new(16, 32, 10_000.0, DType::F32, &cpu()).unwrap();
+    let x = to_f32(&rand_tensor(&mut rng, &[2, 7, 4, 16], 1.0));
+    let heads = x.transpose(1, 2).unwrap().contiguous().unwrap();
+    assert_close(
+        "rotary apply_to_heads",
+        &rotary.apply_to_heads(&x, 3).unwrap(),
+        &rotary.apply(&heads, 3).unwrap(),
+        F32_TOL,
+    );
+    assert!(
+        rotary.apply_to_heads(&x, 30).is_err(),
+        "positions beyond the table"
+    );
+}
+
+#[test]
+fn fused_swiglu_gradients_and_composed_agreement() {
+    let mut rng = rng(42);
+    let inputs = [
+        rand_tensor(&mut rng, &[3, 4, 10], 4.0),
+        rand_tensor(&mut rng, &[3, 4, 10], 2.0),
+    ];
+    check("fused swiglu", &mut rng, &inputs, &[0, 1], &|xs| {
+        ops::fused::swiglu(&xs[0], &xs[1])
+    });
+    let f32_inputs = [to_f32(&inputs[0]), to_f32(&inputs[1])];
+    fused_vs_composed(
+        "swiglu f32",
+        &mut rng,
+        &f32_inputs,
+        &[0, 1],
+        &|xs| ops::fused::swiglu(&xs[0], &xs[1]),
+        &|xs| ops::composed::swiglu(&xs[0], &xs[1]),
+    );
+    // Only the tracked input gets a gradient (a frozen gate, say).
+    let up = Var::from_tensor(&inputs[1]).unwrap();
+    let grads = ops::fused::swiglu(&inputs[0], up.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(grads.get(up.as_tensor()).is_some());
+    assert!(ops::fused::swiglu(&inputs[0], &inputs[1].narrow(2, 0, 5).unwrap()).is_err());
+}
+
+#[test]
+fn fused_attention_softmax_gradients_with_scale_and_bias() {
+    let mut rng = rng(43);
+    // A bias per batch entry (padding and causal) and one shared by the batch (causal only).
+    let per_batch = ops::attention_bias(&padded_mask(), 5, true, DType::F64).unwrap();
+    let shared = ops::attention_bias(
+        &Tensor::ones((1, 5), DType::U32, &cpu()).unwrap(),
+        5,
+        true,
+        DType::F64,
+    )
+    .unwrap();
+    for (name, bias) in [("per batch", per_batch), ("shared", shared)] {
+        let b = bias.clone();
+        let scores = rand_tensor(&mut rng, &[2, 3, 5, 5], 3.0);
+        check(
+            &format!("fused attention softmax ({name} bias)"),
+            &mut rng,
+            &[scores],
+            &[0],
+            &move |xs| ops::fused::attention_softmax(&xs[0], 0.35, Some(&b)),
+        );
+        let scores = to_f32(&rand_tensor(&mut rng, &[2, 3, 5, 5], 3.0));
+        let b32 = to_f32(&bias);
+        let b32c = b32.clone();
+        fused_vs_composed(
+            &format!("attention softmax f32 ({name} bias)"),
+            &mut rng,
+            &[scores],
+            &[0],
+            &move |xs| ops::fused::attention_softmax(&xs[0], 0.35, Some(&b32)),
+            &move |xs| ops::composed::attention_softmax(&xs[0], 0.35, Some(&b32c)),
+        );
+    }
+    let scores = rand_tensor(&mut rng, &[1, 2, 3, 4], 3.0);
+    check(
+        "fused attention softmax (no bias)",
+        &mut rng,
+        &[scores],
+        &[0],
+        &|xs| ops::fused::attention_softmax(&xs[0], 2.0, None),
+    );
+    // A bias of another shape is not the fused kernel's (the dispatcher composes instead).
+    let odd = rand_tensor(&mut rng, &[2, 3, 5, 5], 1.0);
+    let scores = rand_tensor(&mut rng, &[2, 3, 5, 5], 1.0);
+    assert!(!ops::fused::supports_attention(&scores, Some(&odd)));
+    assert!(ops::fused::attention_softmax(&scores, 1.0, Some(&odd)).is_err());
+    assert_close(
+        "attention softmax dispatch (full bias)",
+        &ops::attention_softmax(&scores, 0.5, Some(&odd)).unwrap(),
+        &ops::composed::attention_softmax(&scores, 0.5, Some(&odd)).unwrap(),
+        1e-12,
+    );
+}
+
+#[test]
+fn grouped_attention_equals_repeated_heads() {
+    // Two key/value heads shared by groups of three query heads, with a padded causal mask: the
+    // grouped product gives the values and gradients of attention over repeated heads.
+    let mut rng = rng(44);
+    let bias = ops::attention_bias(&padded_mask(), 5, true, DType::F64).unwrap();
+    let inputs = [
+        rand_tensor(&mut rng, &[2, 6, 5, 4], 1.0),
+        rand_tensor(&mut rng, &[2, 2, 5, 4], 1.0),
+        rand_tensor(&mut rng, &[2, 2, 5, 4], 1.0),
+    ];
+    let r = rand_tensor(&mut rng, &[2, 6, 5, 4], 1.0);
+    let b1 = bias.clone();
+    let grouped: Box<Op> = Box::new(move |xs: &[Tensor]| {
+        ops::scaled_dot_product_attention(&xs[0], &xs[1], &xs[2], Some(&b1))
+    });
+    let b2 = bias.clone();
+    let repeated: Box<Op> = Box::new(move |xs: &[Tensor]| {
+        let k = ops::repeat_kv(&xs[1], 3)?.contiguous()?;
+        let v = ops::repeat_kv(&xs[2], 3)?.contiguous()?;
+        ops::scaled_dot_product_attention(&xs[0], &k, &v, Some(&b2))
+    });
+    let (ya, ga) = value_and_grads(grouped.as_ref(), &inputs, &[0, 1, 2], Some(&r));
+    let (yb, gb) = value_and_grads(repeated.as_ref(), &inputs, &[0, 1, 2], Some(&r));
+    assert!(rel_err(&flat(&ya), &flat(&yb)) < 1e-14);
+    for (i, (a, b)) in ga.iter().zip(&gb).enumerate() {
+        assert_eq!(a.dims(), inputs[i].dims());
+        assert!(rel_err(&flat(a), &flat(b)) < 1e-12, "gradient {i}");
+    }
+    let b3 = bias.clone();
+    check(
+        "grouped attention",
+        &mut rng,
+        &inputs,
+        &[0, 1, 2],
+        &move |xs| ops::scaled_dot_product_attention(&xs[0], &xs[1], &xs[2], Some(&b3)),
+    );
+    // Key/value heads that do not divide the query heads are refused, naming the rule.
+    let bad = rand_tensor(&mut rng, &[2, 4, 5, 4], 1.0);
+    let e = ops::scaled_dot_product_attention(&inputs[0], &bad, &bad, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must divide"), "{e}");
+}
+
+#[test]
+fn fused_gelu_gradients_and_candle_agreement() {
+    let mut rng = rng(45);
+    let x = rand_tensor(&mut rng, &[4, 9], 4.0);
+    check(
+        "fused gelu",
+        &mut rng,
+        std::slice::from_ref(&x),
+        &[0],
+        &|xs| ops::fused::gelu(&xs[0]),
+    );
+    fused_vs_composed(
+        "gelu f32",
+        &mut rng,
+        &[to_f32(&x)],
+        &[0],
+        &|xs| ops::fused::gelu(&xs[0]),
+        &|xs| xs[0].gelu_erf(),
+    );
+}

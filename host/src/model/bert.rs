@@ -305,11 +305,12 @@ impl BertForSequenceClassification {
             Some(p) => p.prepend(index, k, v)?,
             None => (k, v),
         };
-        let scores =
-            (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(bias)?;
-        let probs = ops::softmax_last_dim(&scores)?;
+        let scores = ops::matmul(&q, &k.t()?)?;
+        let probs = ops::attention_softmax(&scores, 1.0 / (d as f64).sqrt(), Some(bias))?;
         let probs = self.dropout(&probs, self.config.attention_probs_dropout_prob, mode)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let ctx = ops::matmul(&probs, &v)?
+            .transpose(1, 2)?
+            .reshape((b, s, h))?;
         Ok(ctx)
     }
 

@@ -233,18 +233,18 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
         let h = ops::rms_norm(x, &self.input_layernorm.tensor(), a.eps)?;
-        let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            t.reshape((batch, len, n, a.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        // Projections viewed per head, [batch, len, heads, head_dim]; rotated q and k come out
+        // as [batch, heads, len, head_dim] (the fused kernel transposes as it rotates).
+        let per_head = |t: Tensor, n: usize| t.reshape((batch, len, n, a.head_dim));
         let q = a
             .rotary
-            .apply(&split(self.q_proj.forward(&h)?, a.heads)?, a.offset)?;
+            .apply_to_heads(&per_head(self.q_proj.forward(&h)?, a.heads)?, a.offset)?;
         let k = a
             .rotary
-            .apply(&split(self.k_proj.forward(&h)?, a.kv_heads)?, a.offset)?;
-        let v = split(self.v_proj.forward(&h)?, a.kv_heads)?;
+            .apply_to_heads(&per_head(self.k_proj.forward(&h)?, a.kv_heads)?, a.offset)?;
+        let v = per_head(self.v_proj.forward(&h)?, a.kv_heads)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let (k, v) = match prefix {
             Some((prompted, i)) => prompted.prepend(i, k, v)?,
             None => (k, v),
@@ -253,9 +253,8 @@ impl DecoderLayer {
             Some((cache, i)) => cache.append(i, &k, &v)?,
             None => (k, v),
         };
-        let n_rep = a.heads / a.kv_heads;
-        let k = ops::repeat_kv(&k, n_rep)?.contiguous()?;
-        let v = ops::repeat_kv(&v, n_rep)?.contiguous()?;
+        // Grouped-query attention: the kv heads are shared by their groups of query heads
+        // inside the product, never repeated.
         let attn = ops::scaled_dot_product_attention(&q, &k, &v, a.bias.as_ref())?;
         let attn = attn
             .transpose(1, 2)?

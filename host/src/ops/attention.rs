@@ -48,19 +48,51 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
         .reshape((b, h * n_rep, s, d))
 }
 
-/// `softmax(q kᵀ / sqrt(d) + bias) v` for `q` `[b, h, q_len, d]`, `k`, `v` `[b, h, k_len, d]` and
-/// an optional additive `bias` broadcastable to `[b, h, q_len, k_len]`.
+/// `softmax(q kᵀ / sqrt(d) + bias) v` for `q` `[b, h, q_len, d]`, `k`, `v` `[b, kv, k_len, d]`
+/// and an optional additive `bias` broadcastable to `[b, h, q_len, k_len]`.
+///
+/// `kv` may divide `h` (grouped-query attention: query head `i` uses key/value head
+/// `i / (h / kv)`, as [`repeat_kv`] lays them out). The query heads of a group are then
+/// multiplied with their shared key/value head as one `[group · q_len, d]` matrix, so the
+/// keys and values are never copied per query head and each product is larger.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    let scale = 1.0 / (q.dim(candle_core::D::Minus1)? as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = match bias {
-        Some(bias) => scores.broadcast_add(bias)?,
-        None => scores,
-    };
-    super::softmax_last_dim(&scores)?.matmul(v)
+    let (b, h, q_len, d) = q.dims4()?;
+    let (kb, kv, k_len, kd) = k.dims4()?;
+    if kb != b || kd != d || kv == 0 || !h.is_multiple_of(kv) || v.dims4()? != (b, kv, k_len, d) {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?} and v {:?} do not fit (key/value heads must divide the \
+             query heads)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let group = h / kv;
+    let scale = 1.0 / (d as f64).sqrt();
+    // [b, kv, group · q_len, d]: a free view of a contiguous q.
+    let qg = q.contiguous()?.reshape((b, kv, group * q_len, d))?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let scores = super::matmul(&qg, &k.t()?)?.reshape((b, h, q_len, k_len))?;
+    let probs = attention_softmax(&scores, scale, bias)?.reshape((b, kv, group * q_len, k_len))?;
+    super::matmul(&probs, &v)?.reshape((b, h, q_len, d))
+}
+
+/// The attention probabilities `softmax(scores · scale + bias)` of scores `[b, h, q, k]` with an
+/// optional constant `bias` broadcastable to them (see [`attention_bias`]): one fused pass on
+/// the CPU (f32/f64, a bias of shape `[b or 1, 1, q, k]`), candle primitives elsewhere.
+pub fn attention_softmax(
+    scores: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if super::fused::supports_attention(scores, bias) {
+        super::fused::attention_softmax(scores, scale, bias)
+    } else {
+        super::composed::attention_softmax(scores, scale, bias)
+    }
 }

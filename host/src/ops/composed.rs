@@ -32,6 +32,35 @@ pub fn layer_norm(
         .broadcast_add(bias)
 }
 
+/// SwiGLU feed-forward gate: `silu(gate) ⊙ up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.silu()?.mul(up)
+}
+
+/// Rotary embedding `x · cos + rotate_half(x) · sin` with `cos`, `sin` of shape
+/// `[seq, head_dim]` and `x` `[batch, heads, seq, head_dim]`; `rotate_half([a, b]) = [-b, a]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let a = x.narrow(D::Minus1, 0, half)?;
+    let b = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&b.neg()?, &a], D::Minus1)?;
+    x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)
+}
+
+/// `softmax(scores · scale + bias)` over the last dimension, `bias` broadcastable to `scores`.
+pub fn attention_softmax(
+    scores: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let scores = (scores * scale)?;
+    let scores = match bias {
+        Some(bias) => scores.broadcast_add(bias)?,
+        None => scores,
+    };
+    softmax_last_dim(&scores)
+}
+
 /// Softmax over the last dimension (max-shifted).
 pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::ops::softmax(xs, D::Minus1)

@@ -2,6 +2,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::composed;
+use super::fused::{self, HeadLayout};
+
 /// Precomputed cos/sin tables for rotary embeddings.
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
@@ -34,10 +37,8 @@ impl RotaryEmbedding {
         })
     }
 
-    /// Applies the rotation to `x` `[batch, heads, seq, head_dim]` at positions
-    /// `offset..offset+seq`.
-    pub fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
-        let seq = x.dim(2)?;
+    /// The `[seq, head_dim]` cos/sin rows of positions `offset..offset+seq`.
+    fn rows(&self, offset: usize, seq: usize) -> candle_core::Result<(Tensor, Tensor)> {
         if offset + seq > self.cos.dim(0)? {
             candle_core::bail!(
                 "position {} is beyond the rotary table ({} positions)",
@@ -45,18 +46,39 @@ impl RotaryEmbedding {
                 self.cos.dim(0)?
             );
         }
-        let cos = self.cos.narrow(0, offset, seq)?;
-        let sin = self.sin.narrow(0, offset, seq)?;
+        Ok((
+            self.cos.narrow(0, offset, seq)?,
+            self.sin.narrow(0, offset, seq)?,
+        ))
+    }
+
+    /// Applies the rotation to `x` `[batch, heads, seq, head_dim]` at positions
+    /// `offset..offset+seq`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+        let (cos, sin) = self.rows(offset, x.dim(2)?)?;
         rope(x, &cos, &sin)
+    }
+
+    /// Applies the rotation to a projection's output viewed per head, `x`
+    /// `[batch, seq, heads, head_dim]`, and returns it as attention multiplies it,
+    /// `[batch, heads, seq, head_dim]`. On the CPU the transpose is part of the fused kernel.
+    pub fn apply_to_heads(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+        let (cos, sin) = self.rows(offset, x.dim(1)?)?;
+        if fused::supports(&[x, &cos, &sin]) {
+            fused::rope(x, &cos, &sin, HeadLayout::SeqFirst)
+        } else {
+            composed::rope(&x.transpose(1, 2)?.contiguous()?, &cos, &sin)
+        }
     }
 }
 
 /// `x · cos + rotate_half(x) · sin` with `cos`, `sin` of shape `[seq, head_dim]` and `x`
-/// `[batch, heads, seq, head_dim]`; `rotate_half([a, b]) = [-b, a]`.
+/// `[batch, heads, seq, head_dim]`; `rotate_half([a, b]) = [-b, a]`. The fused kernel for
+/// f32/f64 CPU tensors of one dtype, candle primitives elsewhere.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let a = x.narrow(D::Minus1, 0, half)?;
-    let b = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&b.neg()?, &a], D::Minus1)?;
-    x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)
+    if fused::supports(&[x, cos, sin]) && x.rank() == 4 {
+        fused::rope(x, cos, sin, HeadLayout::HeadsFirst)
+    } else {
+        composed::rope(x, cos, sin)
+    }
 }

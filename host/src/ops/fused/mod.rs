@@ -13,14 +13,20 @@
 //! half precision).
 
 mod cross_entropy;
+mod gelu;
 mod layer_norm;
 mod rms_norm;
+mod rope;
 mod softmax;
+mod swiglu;
 
 pub use cross_entropy::{causal_lm_loss, cross_entropy, loss_sum_and_grad};
+pub use gelu::gelu;
 pub use layer_norm::layer_norm;
 pub use rms_norm::rms_norm;
-pub use softmax::softmax_last_dim;
+pub use rope::{rope, HeadLayout};
+pub use softmax::{attention_softmax, softmax_last_dim, supports_attention};
+pub use swiglu::swiglu;
 
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
 use rayon::prelude::*;
@@ -84,6 +90,9 @@ trait Real: WithDType {
 
     /// Whether `self` is NaN.
     fn is_nan(self) -> bool;
+
+    /// The error function (candle's).
+    fn erf(self) -> Self;
 }
 
 impl Real for f32 {
@@ -94,6 +103,10 @@ impl Real for f32 {
     fn is_nan(self) -> bool {
         f32::is_nan(self)
     }
+
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f32(self)
+    }
 }
 
 impl Real for f64 {
@@ -103,6 +116,10 @@ impl Real for f64 {
 
     fn is_nan(self) -> bool {
         f64::is_nan(self)
+    }
+
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
     }
 }
 

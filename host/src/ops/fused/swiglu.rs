@@ -1,0 +1,184 @@
+//! Fused SwiGLU gate `y = silu(g) ⊙ u` with `silu(g) = g · σ(g)` (Llama's MLP).
+//!
+//! Backward, for an upstream gradient `γ`: `du = γ ⊙ silu(g)` and
+//! `dg = γ ⊙ u ⊙ σ(g) ⊙ (1 + g ⊙ (1 − σ(g)))`, each computed only when its input is tracked.
+//! The composed `gate.silu()?.mul(up)` keeps the `silu(g)` temporary alive for the backward pass
+//! and walks two ops; this is one pass forward and one backward over the two inputs.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous, min_rows, supports, with_slice, Real};
+
+/// Elements per rayon task (the rows of an MLP activation are its rows; any split works).
+const CHUNK: usize = 4096;
+
+/// `σ(g)`, in the tensor's own precision (f32 `exp` is several times faster than f64's).
+fn sigmoid<T: Real>(g: T) -> T {
+    let one = T::from_f64(1.0);
+    one / (one + (T::from_f64(0.0) - g).exp())
+}
+
+/// The fused op.
+struct SwiGlu;
+
+fn forward<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); g.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .with_min_len(min_rows(CHUNK))
+        .for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+    out
+}
+
+/// `dg` of one element (`γ ⊙ u ⊙ σ(g) ⊙ (1 + g ⊙ (1 − σ(g)))`), given `s = σ(g)`.
+fn gate_grad<T: Real>(g: T, u: T, gr: T, s: T) -> T {
+    let one = T::from_f64(1.0);
+    gr * u * s * (one + g * (one - s))
+}
+
+/// `(dg, du)`, each only when asked for; both in one pass when both are.
+fn backward<T: Real>(
+    g: &[T],
+    u: &[T],
+    grad: &[T],
+    (want_dg, want_du): (bool, bool),
+) -> (Option<Vec<T>>, Option<Vec<T>>) {
+    let zero = T::from_f64(0.0);
+    let inputs = || {
+        g.par_chunks(CHUNK)
+            .zip(u.par_chunks(CHUNK))
+            .zip(grad.par_chunks(CHUNK))
+    };
+    let one_output = |f: &(dyn Fn(T, T, T) -> T + Sync)| {
+        let mut out = vec![zero; g.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(inputs())
+            .with_min_len(min_rows(CHUNK))
+            .for_each(|(o, ((g, u), gr))| {
+                for (((o, &g), &u), &gr) in o.iter_mut().zip(g).zip(u).zip(gr) {
+                    *o = f(g, u, gr);
+                }
+            });
+        out
+    };
+    match (want_dg, want_du) {
+        (true, true) => {
+            let (mut dg, mut du) = (vec![zero; g.len()], vec![zero; g.len()]);
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(inputs())
+                .with_min_len(min_rows(CHUNK))
+                .for_each(|((dg, du), ((g, u), gr))| {
+                    for ((((dg, du), &g), &u), &gr) in
+                        dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(gr)
+                    {
+                        let s = sigmoid(g);
+                        *dg = gate_grad(g, u, gr, s);
+                        *du = gr * g * s;
+                    }
+                });
+            (Some(dg), Some(du))
+        }
+        (true, false) => (
+            Some(one_output(&|g, u, gr| gate_grad(g, u, gr, sigmoid(g)))),
+            None,
+        ),
+        (false, true) => (None, Some(one_output(&|g, _, gr| gr * g * sigmoid(g)))),
+        (false, false) => (None, None),
+    }
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let storage = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(forward(
+                contiguous::<f32>(s1, l1, "swiglu")?,
+                contiguous::<f32>(s2, l2, "swiglu")?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(forward(
+                contiguous::<f64>(s1, l1, "swiglu")?,
+                contiguous::<f64>(s2, l2, "swiglu")?,
+            )),
+            _ => candle_core::bail!(
+                "swiglu: the fused kernel takes f32 or f64 inputs of one dtype, got {:?} and {:?}",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        };
+        Ok((storage, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let want = (gate.track_op(), up.track_op());
+        fn run<T: Real>(
+            gate: &Tensor,
+            up: &Tensor,
+            grad: &Tensor,
+            want: (bool, bool),
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+            let grad = grad.to_dtype(T::DTYPE)?;
+            let (dg, du) = with_slice::<T, _>(gate, "swiglu backward", |g| {
+                with_slice::<T, _>(up, "swiglu backward", |u| {
+                    with_slice::<T, _>(&grad, "swiglu backward", |gr| Ok(backward(g, u, gr, want)))
+                })
+            })?;
+            let to_tensor = |v: Vec<T>| Tensor::from_vec(v, gate.shape(), gate.device());
+            Ok((
+                dg.map(to_tensor).transpose()?,
+                du.map(to_tensor).transpose()?,
+            ))
+        }
+        match gate.dtype() {
+            DType::F32 => run::<f32>(gate, up, grad, want),
+            DType::F64 => run::<f64>(gate, up, grad, want),
+            other => candle_core::bail!("swiglu backward: unsupported dtype {other:?}"),
+        }
+    }
+}
+
+/// `silu(gate) ⊙ up` for f32/f64 CPU tensors of one shape and dtype; differentiable in both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if !supports(&[gate, up]) {
+        candle_core::bail!(
+            "fused swiglu needs f32/f64 CPU tensors of one dtype, got {:?} and {:?} on {:?}",
+            gate.dtype(),
+            up.dtype(),
+            gate.device().location()
+        );
+    }
+    if gate.dims() != up.dims() {
+        candle_core::bail!(
+            "swiglu: gate {:?} and up {:?} differ in shape",
+            gate.dims(),
+            up.dims()
+        );
+    }
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    if gate.track_op() || up.track_op() {
+        gate.apply_op2(&up, SwiGlu)
+    } else {
+        gate.apply_op2_no_bwd(&up, &SwiGlu)
+    }
+}
