@@ -3,7 +3,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use whetstone_host::bench::{bench_train, StepPhases, TrainBench};
+use whetstone_host::bench::gemm::{time_gemm, DEFAULT_SHAPES};
+use whetstone_host::bench::{bench_gemm, bench_train, GemmShape, StepPhases, TrainBench};
 use whetstone_host::recipe::{MethodSpec, TrainingConfig};
 use whetstone_host::train::run::apply_method_with_plugins;
 use whetstone_host::train::Trainer;
@@ -18,6 +19,24 @@ pub enum BenchCommand {
     /// Train each recipe (one process each) and print a Markdown table: held-out accuracy,
     /// accuracy at start, trainable parameters, seconds per step, peak RSS.
     Methods(crate::bench_methods::MethodsArgs),
+    /// Time f32 matrix products (GFLOP/s per shape, and the peak that `bench train`'s model
+    /// FLOPs utilisation is measured against).
+    Gemm(GemmArgs),
+}
+
+/// Options of `whet bench gemm`.
+#[derive(Debug, Args)]
+pub struct GemmArgs {
+    /// A product `MxNxK` (`[M, K] · [K, N]`) to time (repeatable); by default two large squares
+    /// and the products of a SmolLM2-135M step at batch 8 × 128.
+    #[arg(long = "shape", value_name = "MxNxK")]
+    shapes: Vec<GemmShape>,
+    /// Seconds to spend on each shape (at least three products each).
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Where to compute: `cpu`, `cuda`, `cuda:N` or `metal`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// Options of `whet bench train`.
@@ -60,6 +79,10 @@ pub struct TrainArgs {
     /// (`training.gradient_checkpointing = true`).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// The f32 GEMM peak in GFLOP/s that model FLOPs utilisation (`mfu`) is reported against;
+    /// by default a 2048³ product is timed for a second before the steps (`whet bench gemm`).
+    #[arg(long, value_name = "GFLOPS")]
+    gemm_peak: Option<f64>,
 }
 
 /// Runs a `bench` subcommand and prints its JSON report on stdout.
@@ -67,7 +90,21 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Train(args) => train(args),
         BenchCommand::Methods(args) => crate::bench_methods::run(args),
+        BenchCommand::Gemm(args) => gemm(args),
     }
+}
+
+/// `whet bench gemm`.
+fn gemm(args: GemmArgs) -> Result<()> {
+    let device = whetstone_host::device::parse_device(&args.device)?;
+    let shapes = if args.shapes.is_empty() {
+        DEFAULT_SHAPES.to_vec()
+    } else {
+        args.shapes
+    };
+    let report = bench_gemm(&shapes, &device, args.seconds)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 /// `whet bench train`.
@@ -99,6 +136,14 @@ fn train(args: TrainArgs) -> Result<()> {
     let mut trainer = Trainer::with_method(model, adapter, &cfg, total_steps)
         .context("setting up the optimizer")?;
     let device = whetstone_host::device::parse_device(&args.options.device)?;
+    let gemm_peak_gflops = match args.gemm_peak {
+        Some(peak) => peak,
+        None => {
+            time_gemm(DEFAULT_SHAPES[0], &device, 1.0, false)
+                .context("timing the GEMM peak (pass --gemm-peak to skip)")?
+                .gflops
+        }
+    };
     let bench = TrainBench {
         model: args.model.clone(),
         batch: args.batch,
@@ -114,6 +159,7 @@ fn train(args: TrainArgs) -> Result<()> {
         }
         .into(),
         gradient_checkpointing: args.gradient_checkpointing,
+        gemm_peak_gflops: Some(gemm_peak_gflops),
     };
     let counts = (trainer.num_trainable(), params.num_params());
     let report = bench_train(&bench, &device, counts, &mut |batch| {
@@ -123,6 +169,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 forward: s.forward_s,
                 backward: s.backward_s,
                 optimizer: s.optimizer_s,
+                data: 0.0,
             })
     })?;
     println!("{}", serde_json::to_string_pretty(&report)?);

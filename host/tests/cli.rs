@@ -159,6 +159,64 @@ fn bench_train_prints_json_figures() {
     // The classifier of a 2-class head over 384 features: 384 * 2 + 2.
     assert_eq!(report["trainable_params"], 770);
     assert!(report["total_params"].as_u64().unwrap() > 22_000_000);
+    // Model FLOPs: 32 tokens × (4 × params + 2 × trainable); utilisation against the GEMM peak
+    // timed before the steps.
+    let total = report["total_params"].as_f64().unwrap();
+    assert_eq!(
+        report["model_flops_per_step"].as_f64(),
+        Some(32.0 * (4.0 * total + 2.0 * 770.0))
+    );
+    // The utilisation is those FLOPs over the median step time and the peak. It is not bounded
+    // by 1 here: with only the classifier training, the backward pass stops at the head and the
+    // embedding table is a lookup, so the estimate counts far more work than this step does.
+    let peak = report["gemm_peak_gflops"].as_f64().unwrap();
+    assert!(peak > 0.0);
+    let mfu = report["mfu"].as_f64().unwrap();
+    let expected = report["model_flops_per_step"].as_f64().unwrap() / median / (peak * 1e9);
+    assert!(
+        (mfu - expected).abs() <= 1e-9 * expected,
+        "{mfu} vs {expected}"
+    );
+}
+
+#[test]
+fn bench_gemm_prints_rates_and_refuses_a_bad_shape() {
+    let out = whet(&[
+        "bench",
+        "gemm",
+        "--shape",
+        "64x32x16",
+        "--shape",
+        "8x8x8",
+        "--seconds",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let shapes = report["shapes"].as_array().unwrap();
+    assert_eq!(shapes.len(), 2);
+    assert_eq!(
+        (
+            shapes[0]["m"].as_u64(),
+            shapes[0]["n"].as_u64(),
+            shapes[0]["k"].as_u64()
+        ),
+        (Some(64), Some(32), Some(16))
+    );
+    let best = shapes
+        .iter()
+        .map(|s| s["gflops"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        best > 0.0
+            && shapes
+                .iter()
+                .all(|s| s["candle_gflops"].as_f64().unwrap() > 0.0)
+    );
+    assert_eq!(report["peak_gflops"].as_f64(), Some(best));
+    let out = whet(&["bench", "gemm", "--shape", "64x32"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("MxNxK"), "{}", stderr(&out));
 }
 
 #[test]
