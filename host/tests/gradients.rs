@@ -1223,6 +1223,157 @@ fn grouped_attention_equals_repeated_heads() {
 }
 
 #[test]
+fn fused_attention_matches_the_composed_products() {
+    // The fused op against candle's products and the composed softmax over repeated key/value
+    // heads, values and gradients: grouped heads under a padded causal mask, a query shorter
+    // than its keys (a prefix or a cache) under a shared bias, and plain multi-head attention
+    // without a bias.
+    let mut rng = rng(46);
+    let composed = |bias: Option<Tensor>| -> Box<Op> {
+        Box::new(move |xs: &[Tensor]| {
+            let (q, k, v) = (&xs[0], &xs[1], &xs[2]);
+            let group = q.dim(1)? / k.dim(1)?;
+            let k = ops::repeat_kv(k, group)?.contiguous()?;
+            let v = ops::repeat_kv(v, group)?.contiguous()?;
+            let scores = q.matmul(&k.t()?)?;
+            let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+            ops::composed::attention_softmax(&scores, scale, bias.as_ref())?.matmul(&v)
+        })
+    };
+    let fused = |bias: Option<Tensor>| -> Box<Op> {
+        Box::new(move |xs: &[Tensor]| {
+            assert!(ops::fused::supports_fused_attention(
+                &xs[0],
+                &xs[1],
+                &xs[2],
+                bias.as_ref()
+            ));
+            ops::scaled_dot_product_attention(&xs[0], &xs[1], &xs[2], bias.as_ref())
+        })
+    };
+    let padded = ops::attention_bias(&padded_mask(), 5, true, DType::F32).unwrap();
+    let past = Tensor::ones((1, 7), DType::U32, &cpu()).unwrap();
+    let prefix = ops::attention_bias(&past, 3, true, DType::F32).unwrap();
+    let cases = [
+        (
+            "grouped, padded causal",
+            [2, 6, 5, 4],
+            [2, 2, 5, 4],
+            Some(padded),
+        ),
+        (
+            "prefix, shared bias",
+            [1, 4, 3, 8],
+            [1, 2, 7, 8],
+            Some(prefix),
+        ),
+        ("multi-head, no bias", [2, 3, 6, 8], [2, 3, 6, 8], None),
+    ];
+    for (name, q, kv, bias) in cases {
+        let inputs = [
+            to_f32(&rand_tensor(&mut rng, &q, 1.0)),
+            to_f32(&rand_tensor(&mut rng, &kv, 1.0)),
+            to_f32(&rand_tensor(&mut rng, &kv, 1.0)),
+        ];
+        fused_vs_composed(
+            &format!("fused attention ({name})"),
+            &mut rng,
+            &inputs,
+            &[0, 1, 2],
+            fused(bias.clone()).as_ref(),
+            composed(bias).as_ref(),
+        );
+    }
+    // The fused result is sequence-first underneath: moving the heads back is a free view.
+    let x = to_f32(&rand_tensor(&mut rng, &[2, 3, 6, 8], 1.0));
+    let out = ops::scaled_dot_product_attention(&x, &x, &x, None).unwrap();
+    assert!(out.transpose(1, 2).unwrap().is_contiguous());
+    // Other dtypes take the composed path; a bias of another shape is refused by the fused op.
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    assert!(!ops::fused::supports_fused_attention(
+        &x64, &x64, &x64, None
+    ));
+    let wide = Tensor::zeros((2, 3, 6, 6), DType::F32, &cpu()).unwrap();
+    assert!(!ops::fused::supports_fused_attention(
+        &x,
+        &x,
+        &x,
+        Some(&wide)
+    ));
+    let e = ops::fused::attention(&x, &x, &x, Some(&wide))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bias [b or 1, 1, q, k]"), "{e}");
+}
+
+#[test]
+fn fused_swiglu_projection_matches_the_two_steps() {
+    // swiglu(gate, up) · Wᵀ for a frozen W in one op against the gate followed by the product,
+    // values and gradients for gate and up, with leading dimensions folded into rows.
+    let mut rng = rng(47);
+    let w = to_f32(&rand_tensor(&mut rng, &[5, 6], 1.0));
+    let inputs = [
+        to_f32(&rand_tensor(&mut rng, &[2, 3, 6], 2.0)),
+        to_f32(&rand_tensor(&mut rng, &[2, 3, 6], 2.0)),
+    ];
+    if !ops::fused::supports_swiglu_projection(&inputs[0], &inputs[1], &w) {
+        // Only without OpenBLAS, which CI installs; the layers then run the two steps.
+        assert!(ops::blas::backend().is_none());
+        return;
+    }
+    let (w1, w2) = (w.clone(), w.clone());
+    fused_vs_composed(
+        "fused swiglu projection",
+        &mut rng,
+        &inputs,
+        &[0, 1],
+        &move |xs| ops::fused::swiglu_projection(&xs[0], &xs[1], &w1),
+        &move |xs| ops::composed::swiglu(&xs[0], &xs[1])?.broadcast_matmul(&w2.t()?),
+    );
+    let odd = to_f32(&rand_tensor(&mut rng, &[5, 4], 1.0));
+    assert!(!ops::fused::supports_swiglu_projection(
+        &inputs[0], &inputs[1], &odd
+    ));
+    let e = ops::fused::swiglu_projection(&inputs[0], &inputs[1], &odd)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("weight [out, in]"), "{e}");
+}
+
+#[test]
+fn residual_projection_of_a_frozen_layer_matches_the_two_steps() {
+    // residual + x · Wᵀ in one op (a plain frozen layer) against the layer's output added to
+    // the residual, values and gradients for both inputs; a trained layer takes the two steps.
+    let mut rng = rng(48);
+    let w = to_f32(&rand_tensor(&mut rng, &[5, 6], 1.0));
+    let layer = Arc::new(Linear::new(
+        "o_proj",
+        Arc::new(whetstone_host::params::Param::frozen(
+            "o_proj.weight",
+            w.clone(),
+        )),
+        None,
+    ));
+    let inputs = [
+        to_f32(&rand_tensor(&mut rng, &[2, 3, 5], 1.0)),
+        to_f32(&rand_tensor(&mut rng, &[2, 3, 6], 1.0)),
+    ];
+    let fused_layer = layer.clone();
+    fused_vs_composed(
+        "residual frozen projection",
+        &mut rng,
+        &inputs,
+        &[0, 1],
+        &move |xs| fused_layer.forward_residual(&xs[0], &xs[1]),
+        &move |xs| &xs[0] + xs[1].broadcast_matmul(&w.t()?)?,
+    );
+    let fused = layer.forward_residual(&inputs[0], &inputs[1]).unwrap();
+    layer.weight().set_trainable(true).unwrap();
+    let two_steps = layer.forward_residual(&inputs[0], &inputs[1]).unwrap();
+    assert_close("trained layer", &two_steps, &fused, F32_TOL);
+}
+
+#[test]
 fn fused_gelu_gradients_and_candle_agreement() {
     let mut rng = rng(45);
     let x = rand_tensor(&mut rng, &[4, 9], 4.0);

@@ -55,6 +55,11 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
 /// `i / (h / kv)`, as [`repeat_kv`] lays them out). The query heads of a group are then
 /// multiplied with their shared key/value head as one `[group · q_len, d]` matrix, so the
 /// keys and values are never copied per query head and each product is larger.
+///
+/// f32 on the CPU with a bias `[b or 1, 1, q_len, k_len]` (or none) runs
+/// [`super::fused::attention`], which keeps no `[b, h, q_len, k_len]` tensor for the backward
+/// pass and returns a transposed view of a sequence-first `[b, q_len, h, d]` result; other
+/// inputs run two products and the attention softmax.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -71,6 +76,11 @@ pub fn scaled_dot_product_attention(
             k.dims(),
             v.dims()
         );
+    }
+    if super::fused::supports_fused_attention(q, k, v, bias) {
+        // Sequence-first [b, q, h, d], viewed as [b, h, q, d]: a caller that transposes back
+        // to [b, q, h · d] gets it without a copy.
+        return super::fused::attention(q, k, v, bias)?.transpose(1, 2);
     }
     let group = h / kv;
     let scale = 1.0 / (d as f64).sqrt();

@@ -12,6 +12,7 @@
 //! [`crate::ops`] dispatch here when that holds and to the composed path otherwise (CUDA, Metal,
 //! half precision).
 
+mod attention;
 mod cross_entropy;
 mod gelu;
 mod layer_norm;
@@ -20,13 +21,16 @@ mod rope;
 mod softmax;
 mod swiglu;
 
-pub use cross_entropy::{causal_lm_loss, cross_entropy, loss_sum_and_grad};
+pub use attention::{attention, supports_fused_attention};
+pub use cross_entropy::{
+    causal_lm_loss, cross_entropy, loss_sum_and_grad, loss_sum_and_grad_owned,
+};
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
 pub use rms_norm::rms_norm;
 pub use rope::{rope, HeadLayout};
 pub use softmax::{attention_softmax, softmax_last_dim, supports_attention};
-pub use swiglu::swiglu;
+pub use swiglu::{supports_swiglu_projection, swiglu, swiglu_projection};
 
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
 use rayon::prelude::*;

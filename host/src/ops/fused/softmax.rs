@@ -201,7 +201,8 @@ pub fn attention_softmax(
 ) -> candle_core::Result<Tensor> {
     if !supports_attention(scores, bias) {
         candle_core::bail!(
-            "fused attention softmax needs 4-D f32/f64 CPU scores [b, h, q, k] and a bias              [b or 1, 1, q, k] of their dtype, got {:?} and {:?}",
+            "fused attention softmax needs 4-D f32/f64 CPU scores [b, h, q, k] and a bias \
+             [b or 1, 1, q, k] of their dtype, got {:?} and {:?}",
             scores.dims(),
             bias.map(|b| b.dims().to_vec())
         );
