@@ -259,10 +259,12 @@ impl DecoderLayer {
         let attn = attn
             .transpose(1, 2)?
             .reshape((batch, len, a.heads * a.head_dim))?;
-        let x = (x + self.o_proj.forward(&attn)?)?;
+        let x = self.o_proj.forward_residual(x, &attn)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm.tensor(), a.eps)?;
-        let mlp = ops::swiglu(&self.gate_proj.forward(&h)?, &self.up_proj.forward(&h)?)?;
-        Ok((x + self.down_proj.forward(&mlp)?)?)
+        let mlp = self
+            .down_proj
+            .forward_swiglu(&self.gate_proj.forward(&h)?, &self.up_proj.forward(&h)?)?;
+        Ok((x + mlp)?)
     }
 
     fn linears(&self) -> [&Linear; 7] {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 
 use crate::model::hooks::{HookSlot, LinearHook};
 use crate::params::Param;
@@ -82,6 +82,63 @@ impl CustomOp1 for FrozenLinear {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(super::matmul(grad, &self.weight)?))
+    }
+}
+
+/// `r + x · Wᵀ` for a frozen `W` `[out, in]` on f32 CPU rows (OpenBLAS): a residual branch's
+/// output projection and the residual sum in one op, so the graph keeps no tensor for the
+/// projection's output (the add would keep it as an input).
+struct ResidualFrozenLinear {
+    weight: Tensor,
+}
+
+impl CustomOp2 for ResidualFrozenLinear {
+    fn name(&self) -> &'static str {
+        "residual-frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        r: &CpuStorage,
+        r_layout: &Layout,
+        x: &CpuStorage,
+        x_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let fail = |what: &str| candle_core::Error::Msg(format!("residual frozen linear: {what}"));
+        let (rows, k) = x_layout.shape().dims2()?;
+        let n = self.weight.dim(0)?;
+        let (CpuStorage::F32(r), CpuStorage::F32(x)) = (r, x) else {
+            return Err(fail("the inputs are not f32"));
+        };
+        let (Some((rb, re)), Some((xb, xe))) =
+            (r_layout.contiguous_offsets(), x_layout.contiguous_offsets())
+        else {
+            return Err(fail("the inputs are not contiguous"));
+        };
+        let mut out = super::matmul::with_operand(&self.weight, |w| {
+            (w.batch == 1 && w.cols == k).then_some(())?;
+            super::blas::sgemm((&x[xb..xe], false), (w.values, !w.transposed), rows, n, k)
+        })
+        .ok_or_else(|| fail("OpenBLAS did not take the product"))?;
+        let r = &r[rb..re];
+        if r.len() != out.len() {
+            return Err(fail("the residual does not match the output"));
+        }
+        use rayon::prelude::*;
+        out.par_chunks_mut(1 << 14)
+            .zip(r.par_chunks(1 << 14))
+            .for_each(|(o, r)| o.iter_mut().zip(r).for_each(|(o, r)| *o += r));
+        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        _r: &Tensor,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(super::matmul(grad, &self.weight)?)))
     }
 }
 
@@ -214,6 +271,56 @@ impl Linear {
                 self.weight.dims()
             ))
         })
+    }
+
+    /// `residual + self(x)`, the end of a residual branch. A plain frozen f32 layer (see
+    /// [`Self::forward_swiglu`]) with OpenBLAS loaded runs one op that keeps no tensor for the
+    /// layer's output; any other layer runs the layer, then the sum.
+    pub fn forward_residual(&self, residual: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        let weight = self.weight.tensor();
+        let fits = self.is_plain_frozen()
+            && super::blas::backend().is_some()
+            && [residual, x, &weight]
+                .iter()
+                .all(|t| t.dtype() == candle_core::DType::F32 && t.device().is_cpu())
+            && weight.rank() == 2
+            && x.dims().last() == weight.dims().get(1)
+            && residual.dims().last() == weight.dims().first()
+            && residual.dims()[..residual.rank() - 1] == x.dims()[..x.rank() - 1];
+        if !fits {
+            return residual + self.forward(x)?;
+        }
+        let dims = residual.dims().to_vec();
+        let (n, k) = weight.dims2()?;
+        let rows = residual.elem_count() / n.max(1);
+        let r = residual.reshape((rows, n))?.contiguous()?;
+        let x = x.reshape((rows, k))?.contiguous()?;
+        let op = ResidualFrozenLinear {
+            weight: weight.contiguous()?,
+        };
+        r.apply_op2(&x, op)?.reshape(dims)
+    }
+
+    /// No hook, no bias, not quantized, not trained: the layer is `x · Wᵀ` over a frozen `W`.
+    fn is_plain_frozen(&self) -> bool {
+        !self.has_hook()
+            && self.bias.is_none()
+            && !self.weight.is_trainable()
+            && self.weight.quantized_matrix().is_none()
+    }
+
+    /// The layer applied to `swiglu(gate, up)` (Llama's MLP output projection). A plain frozen
+    /// f32 layer — no hook, no bias, not quantized, not trained — runs the fused
+    /// [`super::fused::swiglu_projection`], which keeps no `swiglu(gate, up)` tensor for the
+    /// backward pass; any other layer runs the two steps.
+    pub fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        if self.is_plain_frozen() {
+            let weight = self.weight.tensor();
+            if super::fused::supports_swiglu_projection(gate, up, &weight) {
+                return super::fused::swiglu_projection(gate, up, &weight);
+            }
+        }
+        self.forward(&super::swiglu(gate, up)?)
     }
 
     /// Applies the layer to `x` of shape `[..., in]`, through its PEFT hook when one is

@@ -174,6 +174,25 @@ fn blas_takes(a: &Tensor, b: &Tensor) -> bool {
         && with_operand(b, |_| Some(())).is_some()
 }
 
+/// The values of the 2-D product `a · b` in an owned buffer, outside the graph, when OpenBLAS
+/// takes the operands (`None` otherwise): for callers that reuse the buffer in place.
+pub(super) fn product_values(a: &Tensor, b: &Tensor) -> Option<Vec<f32>> {
+    if a.rank() != 2 || !blas_takes(a, b) {
+        return None;
+    }
+    with_operand(a, |a| {
+        with_operand(b, |b| {
+            blas::sgemm(
+                (a.values, a.transposed),
+                (b.values, b.transposed),
+                a.rows,
+                b.cols,
+                a.cols,
+            )
+        })
+    })
+}
+
 /// `a · b` for `a` `[..., m, k]` and `b` `[..., k, n]` with equal leading dimensions (either may
 /// be a transposed view); differentiable in both. OpenBLAS when it applies, candle otherwise.
 pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
