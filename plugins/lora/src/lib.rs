@@ -136,10 +136,14 @@ impl PeftMethod for Lora {
         if self.cfg.use_dora {
             return dora::forward(layer, x, base_out, scaling, self.cfg.lora_dropout);
         }
+        // The scaling multiplies the rank-r activations `A x`, not the full-width `B A x`:
+        // the same product, one pass over `[tokens, r]` instead of `[tokens, out]`, and one
+        // full-width tensor fewer kept for the backward pass.
         let h = layer
             .dropout(x, self.cfg.lora_dropout)?
-            .matmul_t(layer.param("lora_A.weight")?)?;
-        base_out.add(h.matmul_t(layer.param("lora_B.weight")?)?.scale(scaling)?)
+            .matmul_t(layer.param("lora_A.weight")?)?
+            .scale(scaling)?;
+        base_out.add(h.matmul_t(layer.param("lora_B.weight")?)?)
     }
 
     fn delta_weight(&self, layer: &Linear) -> Result<Option<Tensor>> {
