@@ -41,11 +41,7 @@ impl CustomOp1 for FrozenLinear {
         let (_, rows, n, k) = bmnk;
         if let (CpuStorage::F32(data), Some((begin, end))) = (x, x_layout.contiguous_offsets()) {
             // OpenBLAS when it is loaded: B = Wᵀ, whose storage is W's.
-            let out = super::matmul::with_operand(&self.weight, |w| {
-                let x = &data[begin..end];
-                (w.batch == 1).then_some(())?;
-                super::blas::sgemm((x, false), (w.values, !w.transposed), rows, n, k)
-            });
+            let out = super::matmul::rows_times_weight_t(&data[begin..end], rows, k, &self.weight);
             if let Some(out) = out {
                 return Ok((CpuStorage::F32(out), Shape::from((rows, n))));
             }
@@ -115,11 +111,8 @@ impl CustomOp2 for ResidualFrozenLinear {
         else {
             return Err(fail("the inputs are not contiguous"));
         };
-        let mut out = super::matmul::with_operand(&self.weight, |w| {
-            (w.batch == 1 && w.cols == k).then_some(())?;
-            super::blas::sgemm((&x[xb..xe], false), (w.values, !w.transposed), rows, n, k)
-        })
-        .ok_or_else(|| fail("OpenBLAS did not take the product"))?;
+        let mut out = super::matmul::rows_times_weight_t(&x[xb..xe], rows, k, &self.weight)
+            .ok_or_else(|| fail("OpenBLAS did not take the product"))?;
         let r = &r[rb..re];
         if r.len() != out.len() {
             return Err(fail("the residual does not match the output"));

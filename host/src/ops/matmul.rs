@@ -174,6 +174,21 @@ fn blas_takes(a: &Tensor, b: &Tensor) -> bool {
         && with_operand(b, |_| Some(())).is_some()
 }
 
+/// `x · Wᵀ` through OpenBLAS for contiguous f32 rows `x` `[rows, k]` and a 2-D weight `W`
+/// `[n, k]` (the frozen linear layers' product); `None` when OpenBLAS or the weight's layout
+/// does not allow it.
+pub(super) fn rows_times_weight_t(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    weight: &Tensor,
+) -> Option<Vec<f32>> {
+    with_operand(weight, |w| {
+        (w.batch == 1 && w.cols == k).then_some(())?;
+        blas::sgemm((x, false), (w.values, !w.transposed), rows, w.rows, k)
+    })
+}
+
 /// The values of the 2-D product `a · b` in an owned buffer, outside the graph, when OpenBLAS
 /// takes the operands (`None` otherwise): for callers that reuse the buffer in place.
 pub(super) fn product_values(a: &Tensor, b: &Tensor) -> Option<Vec<f32>> {

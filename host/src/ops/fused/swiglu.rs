@@ -210,13 +210,9 @@ impl CustomOp2 for SwiGluProjection {
             contiguous::<f32>(s2, l2, name)?,
         );
         let n = self.weight.dim(0)?;
-        let out = crate::ops::matmul::with_operand(&self.weight, |w| {
-            (w.batch == 1 && w.cols == k).then_some(())?;
-            crate::ops::blas::sgemm((&s, false), (w.values, !w.transposed), rows, n, k)
-        })
-        .ok_or_else(|| {
-            candle_core::Error::Msg(format!("{name}: OpenBLAS did not take the product"))
-        })?;
+        let out = crate::ops::matmul::rows_times_weight_t(&s, rows, k, &self.weight).ok_or_else(
+            || candle_core::Error::Msg(format!("{name}: OpenBLAS did not take the product")),
+        )?;
         Ok((CpuStorage::F32(out), Shape::from((rows, n))))
     }
 
