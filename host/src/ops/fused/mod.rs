@@ -20,6 +20,7 @@ mod rms_norm;
 mod rope;
 mod softmax;
 mod swiglu;
+mod vector_math;
 
 pub use attention::{attention, supports_fused_attention};
 pub use cross_entropy::{
@@ -94,9 +95,6 @@ trait Real: WithDType {
 
     /// Whether `self` is NaN.
     fn is_nan(self) -> bool;
-
-    /// The error function (candle's).
-    fn erf(self) -> Self;
 }
 
 impl Real for f32 {
@@ -107,10 +105,6 @@ impl Real for f32 {
     fn is_nan(self) -> bool {
         f32::is_nan(self)
     }
-
-    fn erf(self) -> Self {
-        candle_core::cpu::erf::erf_f32(self)
-    }
 }
 
 impl Real for f64 {
@@ -120,10 +114,6 @@ impl Real for f64 {
 
     fn is_nan(self) -> bool {
         f64::is_nan(self)
-    }
-
-    fn erf(self) -> Self {
-        candle_core::cpu::erf::erf_f64(self)
     }
 }
 
