@@ -1,4 +1,9 @@
 //! Dropout with a seeded RNG (candle's CPU RNG cannot be seeded, so runs would not repeat).
+//!
+//! On f32/f64 CPU tensors it is [`super::fused::dropout`]: one key drawn from the generator per
+//! call, the mask a hash of key and element index (drawn in parallel, recomputed in the backward
+//! pass, never stored). Elsewhere (CUDA, Metal, half precision) the mask is drawn element by
+//! element from the generator and multiplied in.
 
 use candle_core::Tensor;
 use rand::{Rng, RngCore};
@@ -11,6 +16,9 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut dyn RngCore) -> candle_core::Result
     }
     if p >= 1.0 {
         return x.zeros_like();
+    }
+    if super::fused::supports(&[x]) {
+        return super::fused::dropout(x, p, rng.next_u64());
     }
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..x.elem_count())

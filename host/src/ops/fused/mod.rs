@@ -14,6 +14,7 @@
 
 mod attention;
 mod cross_entropy;
+mod dropout;
 mod gelu;
 mod layer_norm;
 mod rms_norm;
@@ -26,6 +27,7 @@ pub use attention::{attention, supports_fused_attention};
 pub use cross_entropy::{
     causal_lm_loss, cross_entropy, loss_sum_and_grad, loss_sum_and_grad_owned,
 };
+pub use dropout::dropout;
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
 pub use rms_norm::rms_norm;
