@@ -53,13 +53,21 @@ impl Mask {
         // Indices past 2³² change the second key word (chunks never straddle that boundary).
         let k1 = k1 ^ mix((start as u64 >> 32) as u32);
         let first = start as u32;
-        let (threshold, scale, zero) = (self.threshold, T::from_f64(self.scale), T::from_f64(0.0));
-        vectorized(|| {
-            for (j, (o, &x)) in out.iter_mut().zip(x).enumerate() {
-                let draw = mix(mix(first.wrapping_add(j as u32) ^ k0).wrapping_add(k1)) >> 8;
-                *o = x * if draw >= threshold { scale } else { zero };
-            }
-        })
+        let (threshold, scale) = (self.threshold, T::from_f64(self.scale));
+        // `move`, a bit mask rather than a branch, and a wrapping counter rather than
+        // `enumerate` (whose overflow check, on in the dev profile, is a branch per element):
+        // the loop must see values and no control flow to become vector code.
+        vectorized(
+            #[inline(always)]
+            move || {
+                let mut index = first;
+                for (o, &x) in out.iter_mut().zip(x) {
+                    let draw = mix(mix(index ^ k0).wrapping_add(k1)) >> 8;
+                    *o = x * scale.or_zero(draw >= threshold);
+                    index = index.wrapping_add(1);
+                }
+            },
+        )
     }
 
     /// `x ⊙ mask` over the whole of `x`, chunks in parallel.

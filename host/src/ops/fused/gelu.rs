@@ -35,15 +35,23 @@ fn cdf_f32(x: f32) -> f32 {
 
 /// `x · Φ(x)` over f32 elements.
 fn forward_f32(x: &[f32]) -> Vec<f32> {
-    map(x, None, |x, _| x * cdf_f32(x))
+    map(
+        x,
+        None,
+        #[inline(always)]
+        |x, _| x * cdf_f32(x),
+    )
 }
 
 /// `g · (Φ(x) + x · φ(x))` over f32 elements.
 fn backward_f32(x: &[f32], g: &[f32]) -> Vec<f32> {
     const C: f32 = INV_SQRT_2PI as f32;
-    map(x, Some(g), |x, g| {
-        g * (cdf_f32(x) + x * C * vector_math::exp(-0.5 * x * x))
-    })
+    map(
+        x,
+        Some(g),
+        #[inline(always)]
+        |x, g| g * (cdf_f32(x) + x * C * vector_math::exp(-0.5 * x * x)),
+    )
 }
 
 /// Applies `f` to every element of `x` (and of `g`, when given) in parallel, as vector code
@@ -56,22 +64,28 @@ fn map<T: Real>(x: &[T], g: Option<&[T]>, f: impl Fn(T, T) -> T + Sync) -> Vec<T
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
             .with_min_len(min_rows(CHUNK))
             .for_each(|(o, (x, g))| {
-                vectorized(|| {
-                    for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                        *o = f(x, g);
-                    }
-                })
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                            *o = f(x, g);
+                        }
+                    },
+                )
             }),
         None => out
             .par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .with_min_len(min_rows(CHUNK))
             .for_each(|(o, x)| {
-                vectorized(|| {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = f(x, x);
-                    }
-                })
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            *o = f(x, x);
+                        }
+                    },
+                )
             }),
     }
     out

@@ -97,6 +97,9 @@ trait Real: WithDType {
 
     /// Whether `self` is NaN.
     fn is_nan(self) -> bool;
+
+    /// `self` when `keep`, otherwise `+0`, without a branch (a bit mask).
+    fn or_zero(self, keep: bool) -> Self;
 }
 
 impl Real for f32 {
@@ -107,6 +110,11 @@ impl Real for f32 {
     fn is_nan(self) -> bool {
         f32::is_nan(self)
     }
+
+    #[inline(always)]
+    fn or_zero(self, keep: bool) -> Self {
+        f32::from_bits(self.to_bits() & u32::from(keep).wrapping_neg())
+    }
 }
 
 impl Real for f64 {
@@ -116,6 +124,11 @@ impl Real for f64 {
 
     fn is_nan(self) -> bool {
         f64::is_nan(self)
+    }
+
+    #[inline(always)]
+    fn or_zero(self, keep: bool) -> Self {
+        f64::from_bits(self.to_bits() & u64::from(keep).wrapping_neg())
     }
 }
 

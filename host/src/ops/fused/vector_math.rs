@@ -13,6 +13,10 @@
 
 /// Runs `f` (a loop over slices) compiled for the CPU's widest vector instruction set
 /// (AVX2 + FMA on x86-64 when present, detected at run time; plain code otherwise).
+///
+/// Mark the closure, and any closure it calls per element, `#[inline(always)]`: the loop is
+/// only compiled for those instructions once it is inlined into the dispatching function, and
+/// across codegen units the compiler does not inline it on its own.
 #[inline(always)]
 pub(super) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)
