@@ -33,16 +33,16 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// which then sits in the low mantissa bits.
 const ROUNDING_MAGIC: f32 = 12_582_912.0;
 
-/// `e^x` for f32, within 2 ulp of the exact value on `[-87, 88]`; inputs are clamped to that
-/// range (so `exp(-∞) = e^-87 ≈ 1.6e-38` rather than 0, harmless where it is used: weights of
-/// terms that are already negligible). Polynomial after Cephes' `expf`.
+/// `e^x` for f32, within 2 ulp of the exact value on `[-87, 88]`: 0 below `-87` (where f32's
+/// normal range ends; so `exp(-∞) = 0`), `e^88` above 88, NaN for NaN. Polynomial after
+/// Cephes' `expf`.
 #[inline(always)]
 pub(super) fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
+    let clamped = x.clamp(-87.0, 88.0);
     // n = round(x / ln 2), as a float and as the integer in the low bits of `t`.
-    let t = x * LOG2_E + ROUNDING_MAGIC;
+    let t = clamped * LOG2_E + ROUNDING_MAGIC;
     let n = t - ROUNDING_MAGIC;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
@@ -53,7 +53,9 @@ pub(super) fn exp(x: f32) -> f32 {
     // 2^n from the exponent bits: n sits in the low bits of `t`'s mantissa.
     let n_bits = t.to_bits().wrapping_sub(ROUNDING_MAGIC.to_bits());
     let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
-    e_r * two_n
+    // `x < -87` is false for NaN, which the arithmetic above carries through.
+    let underflow = u32::from(x < -87.0).wrapping_neg();
+    f32::from_bits((e_r * two_n).to_bits() & !underflow)
 }
 
 /// The error function for f32, within 5e-7 of the exact value everywhere (a rational
@@ -99,7 +101,9 @@ mod tests {
         // 2 ulp of f32 is 2.4e-7 relative.
         assert!(worst < 2.4e-7, "worst relative error {worst:e}");
         assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1e30) > 0.0 && exp(-1e30) < 1e-37);
+        assert_eq!(exp(-88.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]
