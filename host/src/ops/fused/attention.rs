@@ -22,12 +22,8 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, with_slice};
+use super::{contiguous, vectorized, with_slice};
 use crate::ops::blas;
-
-/// Below this many f32 exponent units a probability underflows to zero (`exp(-88) ≈ 6e-39`),
-/// so masked keys skip the exponential.
-const UNDERFLOW: f32 = -88.0;
 
 /// The shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -140,14 +136,10 @@ fn logits(row: &mut [f32], scale: f32, bias: Option<&[f32]>) {
     }
 }
 
-/// `exp(logit − max)`, zero where it underflows.
+/// `exp(logit − max)`, zero where it underflows (below −87), without a branch.
+#[inline(always)]
 fn shifted_exp(logit: f32, max: f32) -> f32 {
-    let x = logit - max;
-    if x < UNDERFLOW {
-        0.0
-    } else {
-        x.exp()
-    }
+    super::vector_math::exp(logit - max)
 }
 
 /// Softmax of one row of logits in place; returns its statistics.
@@ -160,11 +152,11 @@ fn softmax_row(row: &mut [f32]) -> RowStats {
         probabilities_row(row, RowStats { max, inv_sum: 0.0 });
         return RowStats { max, inv_sum: 0.0 };
     }
-    let mut sum = 0.0f32;
-    for v in row.iter_mut() {
-        *v = shifted_exp(*v, max);
-        sum += *v;
-    }
+    vectorized(
+        #[inline(always)]
+        || row.iter_mut().for_each(|v| *v = shifted_exp(*v, max)),
+    );
+    let sum: f32 = row.iter().sum();
     let inv_sum = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv_sum);
     RowStats { max, inv_sum }
@@ -178,8 +170,13 @@ fn probabilities_row(row: &mut [f32], stats: RowStats) {
     } else if stats.max == f32::NEG_INFINITY {
         row.fill(1.0 / row.len() as f32);
     } else {
-        row.iter_mut()
-            .for_each(|v| *v = shifted_exp(*v, stats.max) * stats.inv_sum);
+        vectorized(
+            #[inline(always)]
+            || {
+                row.iter_mut()
+                    .for_each(|v| *v = shifted_exp(*v, stats.max) * stats.inv_sum)
+            },
+        );
     }
 }
 

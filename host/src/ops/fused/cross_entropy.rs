@@ -13,7 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, last_dim, min_rows, scalar, supports, with_slice, Real};
+use super::{contiguous, last_dim, min_rows, scalar, supports, vectorized, with_slice, Real};
 use crate::ops::IGNORE_INDEX;
 
 /// The fused cross-entropy op; `lse` caches the per-row log-sum-exps of the forward pass.
@@ -32,6 +32,9 @@ struct Lse {
     log_sum: f64,
 }
 
+/// Elements whose exponentials [`logsumexp`] computes at once.
+const EXP_BLOCK: usize = 256;
+
 /// Log-sum-exp of a row.
 fn logsumexp<T: Real>(row: &[T]) -> Lse {
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
@@ -44,7 +47,21 @@ fn logsumexp<T: Real>(row: &[T]) -> Lse {
             log_sum: 0.0,
         };
     }
-    let sum: f64 = row.iter().map(|&v| (v - max).exp().to_f64()).sum();
+    // Exponentials a block at a time as vector code, each block summed in f64.
+    let mut sum = 0.0f64;
+    let mut block = [T::from_f64(0.0); EXP_BLOCK];
+    for chunk in row.chunks(EXP_BLOCK) {
+        let block = &mut block[..chunk.len()];
+        vectorized(
+            #[inline(always)]
+            || {
+                for (e, &v) in block.iter_mut().zip(chunk) {
+                    *e = (v - max).exp();
+                }
+            },
+        );
+        sum += block.iter().map(|e| e.to_f64()).sum::<f64>();
+    }
     Lse {
         max: max.to_f64(),
         log_sum: sum.ln(),
@@ -143,9 +160,14 @@ fn grad_in_place<T: Real>(
             } else {
                 let (max, log_sum) = (T::from_f64(lse.max), T::from_f64(lse.log_sum));
                 let s = T::from_f64(scale);
-                for v in row.iter_mut() {
-                    *v = ((*v - max) - log_sum).exp() * s;
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for v in row.iter_mut() {
+                            *v = ((*v - max) - log_sum).exp() * s;
+                        }
+                    },
+                );
             }
             row[t] -= T::from_f64(scale);
         });

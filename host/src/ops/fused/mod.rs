@@ -37,6 +37,7 @@ pub use swiglu::{supports_swiglu_projection, swiglu, swiglu_projection};
 
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
 use rayon::prelude::*;
+use vector_math::vectorized;
 
 /// Whether the fused kernels handle every tensor of `ts`: all on the CPU, all f32 or all f64.
 pub fn supports(ts: &[&Tensor]) -> bool {
@@ -103,8 +104,10 @@ trait Real: WithDType {
 }
 
 impl Real for f32 {
+    /// [`vector_math::exp`]: branch-free, so loops over it become vector code.
+    #[inline(always)]
     fn exp(self) -> Self {
-        f32::exp(self)
+        vector_math::exp(self)
     }
 
     fn is_nan(self) -> bool {
@@ -118,6 +121,7 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
     }

@@ -9,12 +9,13 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, min_rows, supports, with_slice, Real};
+use super::{contiguous, min_rows, supports, vectorized, with_slice, Real};
 
 /// Elements per rayon task (the rows of an MLP activation are its rows; any split works).
 const CHUNK: usize = 4096;
 
 /// `σ(g)`, in the tensor's own precision (f32 `exp` is several times faster than f64's).
+#[inline(always)]
 fn sigmoid<T: Real>(g: T) -> T {
     let one = T::from_f64(1.0);
     one / (one + (T::from_f64(0.0) - g).exp())
@@ -29,14 +30,20 @@ fn forward<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .with_min_len(min_rows(CHUNK))
         .for_each(|(o, (g, u))| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(g) * u;
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o = g * sigmoid(g) * u;
+                    }
+                },
+            )
         });
     out
 }
 
 /// `dg` of one element (`γ ⊙ u ⊙ σ(g) ⊙ (1 + g ⊙ (1 − σ(g)))`), given `s = σ(g)`.
+#[inline(always)]
 fn gate_grad<T: Real>(g: T, u: T, gr: T, s: T) -> T {
     let one = T::from_f64(1.0);
     gr * u * s * (one + g * (one - s))
@@ -75,13 +82,18 @@ fn backward<T: Real>(
                 .zip(inputs())
                 .with_min_len(min_rows(CHUNK))
                 .for_each(|((dg, du), ((g, u), gr))| {
-                    for ((((dg, du), &g), &u), &gr) in
-                        dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(gr)
-                    {
-                        let s = sigmoid(g);
-                        *dg = gate_grad(g, u, gr, s);
-                        *du = gr * g * s;
-                    }
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            for ((((dg, du), &g), &u), &gr) in
+                                dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(gr)
+                            {
+                                let s = sigmoid(g);
+                                *dg = gate_grad(g, u, gr, s);
+                                *du = gr * g * s;
+                            }
+                        },
+                    )
                 });
             (Some(dg), Some(du))
         }
