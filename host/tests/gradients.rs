@@ -1373,6 +1373,48 @@ fn residual_projection_of_a_frozen_layer_matches_the_two_steps() {
     assert_close("trained layer", &two_steps, &fused, F32_TOL);
 }
 
+#[test]
+fn residual_swiglu_projection_of_a_frozen_layer_matches_the_three_steps() {
+    // residual + swiglu(gate, up) · Wᵀ in one op (Llama's MLP block, a plain frozen down
+    // projection) against swiglu, the product and the sum; values and gradients for all three
+    // inputs; a trained layer takes the three steps.
+    let mut rng = rng(49);
+    let w = to_f32(&rand_tensor(&mut rng, &[5, 7], 1.0));
+    let layer = Arc::new(Linear::new(
+        "down_proj",
+        Arc::new(whetstone_host::params::Param::frozen(
+            "down_proj.weight",
+            w.clone(),
+        )),
+        None,
+    ));
+    let inputs = [
+        to_f32(&rand_tensor(&mut rng, &[2, 3, 5], 1.0)),
+        to_f32(&rand_tensor(&mut rng, &[2, 3, 7], 2.0)),
+        to_f32(&rand_tensor(&mut rng, &[2, 3, 7], 1.0)),
+    ];
+    let fused_layer = layer.clone();
+    fused_vs_composed(
+        "residual swiglu projection",
+        &mut rng,
+        &inputs,
+        &[0, 1, 2],
+        &move |xs| fused_layer.forward_swiglu_residual(&xs[0], &xs[1], &xs[2]),
+        &move |xs| {
+            let s = (xs[1].silu()? * &xs[2])?;
+            &xs[0] + s.broadcast_matmul(&w.t()?)?
+        },
+    );
+    let fused = layer
+        .forward_swiglu_residual(&inputs[0], &inputs[1], &inputs[2])
+        .unwrap();
+    layer.weight().set_trainable(true).unwrap();
+    let three_steps = layer
+        .forward_swiglu_residual(&inputs[0], &inputs[1], &inputs[2])
+        .unwrap();
+    assert_close("trained layer", &three_steps, &fused, F32_TOL);
+}
+
 /// The f32 GELU runs a vectorized erf and exponential; over the whole range, tails included,
 /// its values and gradients stay within 1e-6 of the f64 kernel (candle's exact erf).
 #[test]

@@ -261,10 +261,8 @@ impl DecoderLayer {
             .reshape((batch, len, a.heads * a.head_dim))?;
         let x = self.o_proj.forward_residual(x, &attn)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm.tensor(), a.eps)?;
-        let mlp = self
-            .down_proj
-            .forward_swiglu(&self.gate_proj.forward(&h)?, &self.up_proj.forward(&h)?)?;
-        Ok((x + mlp)?)
+        let (gate, up) = (self.gate_proj.forward(&h)?, self.up_proj.forward(&h)?);
+        Ok(self.down_proj.forward_swiglu_residual(&x, &gate, &up)?)
     }
 
     fn linears(&self) -> [&Linear; 7] {

@@ -316,6 +316,30 @@ impl Linear {
         self.forward(&super::swiglu(gate, up)?)
     }
 
+    /// `residual + self(swiglu(gate, up))` (Llama's MLP block with its residual sum). A plain
+    /// frozen f32 layer runs the fused [`super::fused::residual_swiglu_projection`], which keeps
+    /// neither the gate output nor the projection's output for the backward pass; any other
+    /// layer runs [`Linear::forward_swiglu`] and the sum.
+    pub fn forward_swiglu_residual(
+        &self,
+        residual: &Tensor,
+        gate: &Tensor,
+        up: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        if self.is_plain_frozen() {
+            let weight = self.weight.tensor();
+            let residual_fits = residual.dtype() == candle_core::DType::F32
+                && residual.device().is_cpu()
+                && residual.dims().split_last().map(|(_, lead)| lead)
+                    == gate.dims().split_last().map(|(_, lead)| lead)
+                && residual.dims().last() == weight.dims().first();
+            if residual_fits && super::fused::supports_swiglu_projection(gate, up, &weight) {
+                return super::fused::residual_swiglu_projection(residual, gate, up, &weight);
+            }
+        }
+        residual + self.forward_swiglu(gate, up)?
+    }
+
     /// Applies the layer to `x` of shape `[..., in]`, through its PEFT hook when one is
     /// installed.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {

@@ -33,7 +33,9 @@ pub use layer_norm::layer_norm;
 pub use rms_norm::rms_norm;
 pub use rope::{rope, HeadLayout};
 pub use softmax::{attention_softmax, softmax_last_dim, supports_attention};
-pub use swiglu::{supports_swiglu_projection, swiglu, swiglu_projection};
+pub use swiglu::{
+    residual_swiglu_projection, supports_swiglu_projection, swiglu, swiglu_projection,
+};
 
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
 use rayon::prelude::*;

@@ -6,7 +6,7 @@
 //! and walks two ops; this is one pass forward and one backward over the two inputs.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{contiguous, min_rows, supports, vectorized, with_slice, Real};
@@ -253,10 +253,96 @@ pub fn supports_swiglu_projection(gate: &Tensor, up: &Tensor, weight: &Tensor) -
         && crate::ops::blas::backend().is_some()
 }
 
+/// `residual + swiglu(gate, up) · Wᵀ`: [`SwiGluProjection`] with the residual sum of Llama's
+/// MLP block folded in, so the graph keeps no `[rows, out]` tensor for the projection's output
+/// either (2.4 MB a layer for SmolLM2 at batch 8 × 128). The residual's gradient is the
+/// upstream gradient itself.
+struct ResidualSwiGluProjection {
+    weight: Tensor,
+}
+
+impl CustomOp3 for ResidualSwiGluProjection {
+    fn name(&self) -> &'static str {
+        "fused-residual-swiglu-projection"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = "residual swiglu projection";
+        let (storage, shape) = SwiGluProjection {
+            weight: self.weight.clone(),
+        }
+        .cpu_fwd(s2, l2, s3, l3)?;
+        let CpuStorage::F32(mut out) = storage else {
+            candle_core::bail!("{name}: the projection is not f32");
+        };
+        let residual = contiguous::<f32>(s1, l1, name)?;
+        if residual.len() != out.len() {
+            candle_core::bail!(
+                "{name}: residual {:?} does not match the output {:?}",
+                l1.shape().dims(),
+                shape.dims()
+            );
+        }
+        out.par_chunks_mut(CHUNK)
+            .zip(residual.par_chunks(CHUNK))
+            .with_min_len(min_rows(CHUNK))
+            .for_each(|(o, r)| {
+                vectorized(
+                    #[inline(always)]
+                    || o.iter_mut().zip(r).for_each(|(o, &r)| *o += r),
+                )
+            });
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        _residual: &Tensor,
+        gate: &Tensor,
+        up: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d_swiglu = crate::ops::matmul(&grad.contiguous()?, &self.weight)?;
+        let (d_gate, d_up) = SwiGlu.bwd(gate, up, y, &d_swiglu)?;
+        Ok((Some(grad.clone()), d_gate, d_up))
+    }
+}
+
 /// `swiglu(gate, up) · Wᵀ` for a frozen weight `[out, in]` and `gate`, `up` `[..., in]`,
 /// differentiable in `gate` and `up`; see [`SwiGluProjection`]. Errors unless
 /// [`supports_swiglu_projection`].
 pub fn swiglu_projection(
+    gate: &Tensor,
+    up: &Tensor,
+    weight: &Tensor,
+) -> candle_core::Result<Tensor> {
+    projection(None, gate, up, weight)
+}
+
+/// `residual + swiglu(gate, up) · Wᵀ` (`residual` `[..., out]`), differentiable in all three;
+/// see [`ResidualSwiGluProjection`]. Errors unless [`supports_swiglu_projection`] and the
+/// residual is an f32 CPU tensor of the output's shape.
+pub fn residual_swiglu_projection(
+    residual: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    weight: &Tensor,
+) -> candle_core::Result<Tensor> {
+    projection(Some(residual), gate, up, weight)
+}
+
+/// [`swiglu_projection`], plus `residual` when given.
+fn projection(
+    residual: Option<&Tensor>,
     gate: &Tensor,
     up: &Tensor,
     weight: &Tensor,
@@ -273,14 +359,32 @@ pub fn swiglu_projection(
     let dims = gate.dims().to_vec();
     let k = dims[dims.len() - 1];
     let rows = gate.elem_count() / k.max(1);
-    let gate = gate.reshape((rows, k))?.contiguous()?;
-    let up = up.reshape((rows, k))?.contiguous()?;
-    let op = SwiGluProjection {
-        weight: weight.contiguous()?,
-    };
-    let y = gate.apply_op2(&up, op)?;
+    let n = weight.dim(0)?;
     let mut out_dims = dims;
     let last = out_dims.len() - 1;
-    out_dims[last] = weight.dim(0)?;
+    out_dims[last] = n;
+    let gate = gate.reshape((rows, k))?.contiguous()?;
+    let up = up.reshape((rows, k))?.contiguous()?;
+    let weight = weight.contiguous()?;
+    let y = match residual {
+        None => gate.apply_op2(&up, SwiGluProjection { weight })?,
+        Some(residual) => {
+            let f32_cpu = residual.dtype() == DType::F32 && residual.device().is_cpu();
+            if !f32_cpu || residual.dims() != out_dims.as_slice() {
+                candle_core::bail!(
+                    "fused residual swiglu projection needs an f32 CPU residual of shape {:?}, \
+                     got {:?} ({:?})",
+                    out_dims,
+                    residual.dims(),
+                    residual.dtype()
+                );
+            }
+            residual.reshape((rows, n))?.contiguous()?.apply_op3(
+                &gate,
+                &up,
+                ResidualSwiGluProjection { weight },
+            )?
+        }
+    };
     y.reshape(out_dims)
 }
