@@ -6,9 +6,11 @@
 //!   transports (this also proves that `θ*` is a copy, not a view the optimizer updates);
 //! - on two tasks over the same inputs with unrelated labels, EWC and experience replay each
 //!   forget less of the first task than plain sequential fine-tuning does (`train_sequence`,
-//!   the accuracy matrix). Measured: task A at 0.917 after training it; after task B plain
-//!   fine-tuning keeps 0.604 (forgetting 0.31), EWC (λ = 5·10⁴) 0.813 (0.10), replay
-//!   (48 examples, ratio 0.3) 0.688 (0.23).
+//!   the accuracy matrix). Measured: task A at 0.896 after training it; after task B plain
+//!   fine-tuning keeps 0.646 (forgetting 0.25), EWC (λ = 5·10⁴) 0.854 (0.04), replay (all 96
+//!   examples of task A in the buffer, ratio 0.5) 0.792 (0.10). A weaker replay (48 examples,
+//!   ratio 0.3) sat within an example or two of plain fine-tuning, so which one forgot less
+//!   depended on the dropout masks drawn; this replay forgets less over training seeds 9-12.
 
 // Tests may unwrap: a panic is how a test reports a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -216,7 +218,7 @@ fn ewc_and_replay_forget_less_than_plain_fine_tuning() {
         Some(json!({"trainable": TRAINABLE, "ewc_lambda": 5e4, "fisher_examples": 96})),
         (0, 0.0),
     );
-    let replay = two_tasks(None, (48, 0.3));
+    let replay = two_tasks(None, (96, 0.5));
     for (name, r) in [("plain", &plain), ("EWC", &ewc), ("replay", &replay)] {
         eprintln!("{name}: {:?}, forgetting {:?}", r.matrix, r.forgetting);
         assert_eq!(r.matrix.len(), 2);
@@ -226,8 +228,8 @@ fn ewc_and_replay_forget_less_than_plain_fine_tuning() {
         assert_eq!(r.tasks[1].gradient_examples, 0);
     }
     assert_eq!(
-        replay.tasks[1].replayed_examples, 41,
-        "0.3 / 0.7 × 96 rounded"
+        replay.tasks[1].replayed_examples, 96,
+        "0.5 / 0.5 × 96 examples of task B"
     );
     let first_after_training = plain.matrix[0][0];
     assert!(
