@@ -51,15 +51,21 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def main():
-    args = parse_args()
+def import_peer(tool):
+    """torch, transformers and peft, or an exit naming `tool` and how to install them."""
     try:
         import torch
         import transformers
         import peft
     except ImportError as e:
-        sys.exit(f"peer_bench: {e}; install the peer with "
+        sys.exit(f"{tool}: {e}; install the peer with "
                  "`pip install -r host/benches/peer/requirements.txt`")
+    return torch, transformers, peft
+
+
+def main():
+    args = parse_args()
+    torch, transformers, peft = import_peer("peer_bench")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 

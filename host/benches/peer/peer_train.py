@@ -18,10 +18,11 @@ import argparse
 import json
 import math
 import random
-import resource
 import statistics
 import sys
 import time
+
+from peer_bench import import_peer, peak_rss_mb
 
 
 def parse_args():
@@ -48,11 +49,6 @@ def parse_args():
     p.add_argument("--whet", metavar="SUMMARY.json",
                    help="`whet train RECIPE --json` of the same recipe, to print ratios")
     return p.parse_args()
-
-
-def peak_rss_mb():
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def read_examples(path):
@@ -82,13 +78,7 @@ def batches(examples, size, torch):
 
 def main():
     args = parse_args()
-    try:
-        import torch
-        import transformers
-        import peft
-    except ImportError as e:
-        sys.exit(f"peer_train: {e}; install the peer with "
-                 "`pip install -r host/benches/peer/requirements.txt`")
+    torch, transformers, peft = import_peer("peer_train")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train = read_examples(args.train)

@@ -117,10 +117,7 @@ impl CustomOp2 for ResidualFrozenLinear {
         if r.len() != out.len() {
             return Err(fail("the residual does not match the output"));
         }
-        use rayon::prelude::*;
-        out.par_chunks_mut(1 << 14)
-            .zip(r.par_chunks(1 << 14))
-            .for_each(|(o, r)| o.iter_mut().zip(r).for_each(|(o, r)| *o += r));
+        super::fused::add_in_place(&mut out, r);
         Ok((CpuStorage::F32(out), Shape::from((rows, n))))
     }
 
@@ -328,12 +325,7 @@ impl Linear {
     ) -> candle_core::Result<Tensor> {
         if self.is_plain_frozen() {
             let weight = self.weight.tensor();
-            let residual_fits = residual.dtype() == candle_core::DType::F32
-                && residual.device().is_cpu()
-                && residual.dims().split_last().map(|(_, lead)| lead)
-                    == gate.dims().split_last().map(|(_, lead)| lead)
-                && residual.dims().last() == weight.dims().first();
-            if residual_fits && super::fused::supports_swiglu_projection(gate, up, &weight) {
+            if super::fused::supports_residual_swiglu_projection(residual, gate, up, &weight) {
                 return super::fused::residual_swiglu_projection(residual, gate, up, &weight);
             }
         }

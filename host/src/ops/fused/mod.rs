@@ -34,7 +34,8 @@ pub use rms_norm::rms_norm;
 pub use rope::{rope, HeadLayout};
 pub use softmax::{attention_softmax, softmax_last_dim, supports_attention};
 pub use swiglu::{
-    residual_swiglu_projection, supports_swiglu_projection, swiglu, swiglu_projection,
+    residual_swiglu_projection, supports_residual_swiglu_projection, supports_swiglu_projection,
+    swiglu, swiglu_projection,
 };
 
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
@@ -49,6 +50,20 @@ pub fn supports(ts: &[&Tensor]) -> bool {
     let dtype = first.dtype();
     matches!(dtype, DType::F32 | DType::F64)
         && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+}
+
+/// `out += r` element-wise over f32 slices of one length (a residual sum into a product's
+/// output buffer), in parallel chunks run as vector code.
+pub(crate) fn add_in_place(out: &mut [f32], r: &[f32]) {
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK)
+        .zip(r.par_chunks(CHUNK))
+        .for_each(|(o, r)| {
+            vectorized(
+                #[inline(always)]
+                || o.iter_mut().zip(r).for_each(|(o, &r)| *o += r),
+            )
+        });
 }
 
 /// Minimum number of elements a rayon task works on, so that small rows are batched together.

@@ -257,9 +257,7 @@ pub fn supports_swiglu_projection(gate: &Tensor, up: &Tensor, weight: &Tensor) -
 /// MLP block folded in, so the graph keeps no `[rows, out]` tensor for the projection's output
 /// either (2.4 MB a layer for SmolLM2 at batch 8 × 128). The residual's gradient is the
 /// upstream gradient itself.
-struct ResidualSwiGluProjection {
-    weight: Tensor,
-}
+struct ResidualSwiGluProjection(SwiGluProjection);
 
 impl CustomOp3 for ResidualSwiGluProjection {
     fn name(&self) -> &'static str {
@@ -276,10 +274,7 @@ impl CustomOp3 for ResidualSwiGluProjection {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = "residual swiglu projection";
-        let (storage, shape) = SwiGluProjection {
-            weight: self.weight.clone(),
-        }
-        .cpu_fwd(s2, l2, s3, l3)?;
+        let (storage, shape) = self.0.cpu_fwd(s2, l2, s3, l3)?;
         let CpuStorage::F32(mut out) = storage else {
             candle_core::bail!("{name}: the projection is not f32");
         };
@@ -291,15 +286,7 @@ impl CustomOp3 for ResidualSwiGluProjection {
                 shape.dims()
             );
         }
-        out.par_chunks_mut(CHUNK)
-            .zip(residual.par_chunks(CHUNK))
-            .with_min_len(min_rows(CHUNK))
-            .for_each(|(o, r)| {
-                vectorized(
-                    #[inline(always)]
-                    || o.iter_mut().zip(r).for_each(|(o, &r)| *o += r),
-                )
-            });
+        super::add_in_place(&mut out, residual);
         Ok((CpuStorage::F32(out), shape))
     }
 
@@ -311,8 +298,7 @@ impl CustomOp3 for ResidualSwiGluProjection {
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d_swiglu = crate::ops::matmul(&grad.contiguous()?, &self.weight)?;
-        let (d_gate, d_up) = SwiGlu.bwd(gate, up, y, &d_swiglu)?;
+        let (d_gate, d_up) = self.0.bwd(gate, up, y, grad)?;
         Ok((Some(grad.clone()), d_gate, d_up))
     }
 }
@@ -328,9 +314,31 @@ pub fn swiglu_projection(
     projection(None, gate, up, weight)
 }
 
+/// Whether `residual` is an f32 CPU tensor of the projection's output shape `out_dims`.
+fn residual_fits(residual: &Tensor, out_dims: &[usize]) -> bool {
+    residual.dtype() == DType::F32 && residual.device().is_cpu() && residual.dims() == out_dims
+}
+
+/// Whether [`residual_swiglu_projection`] takes these operands: [`supports_swiglu_projection`]
+/// and an f32 CPU `residual` `[..., out]` with the leading dims of `gate`.
+pub fn supports_residual_swiglu_projection(
+    residual: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    weight: &Tensor,
+) -> bool {
+    if !supports_swiglu_projection(gate, up, weight) {
+        return false;
+    }
+    let mut out_dims = gate.dims().to_vec();
+    if let (Some(last), Some(&n)) = (out_dims.last_mut(), weight.dims().first()) {
+        *last = n;
+    }
+    residual_fits(residual, &out_dims)
+}
+
 /// `residual + swiglu(gate, up) · Wᵀ` (`residual` `[..., out]`), differentiable in all three;
-/// see [`ResidualSwiGluProjection`]. Errors unless [`supports_swiglu_projection`] and the
-/// residual is an f32 CPU tensor of the output's shape.
+/// see [`ResidualSwiGluProjection`]. Errors unless [`supports_residual_swiglu_projection`].
 pub fn residual_swiglu_projection(
     residual: &Tensor,
     gate: &Tensor,
@@ -369,8 +377,7 @@ fn projection(
     let y = match residual {
         None => gate.apply_op2(&up, SwiGluProjection { weight })?,
         Some(residual) => {
-            let f32_cpu = residual.dtype() == DType::F32 && residual.device().is_cpu();
-            if !f32_cpu || residual.dims() != out_dims.as_slice() {
+            if !residual_fits(residual, &out_dims) {
                 candle_core::bail!(
                     "fused residual swiglu projection needs an f32 CPU residual of shape {:?}, \
                      got {:?} ({:?})",
@@ -382,7 +389,7 @@ fn projection(
             residual.reshape((rows, n))?.contiguous()?.apply_op3(
                 &gate,
                 &up,
-                ResidualSwiGluProjection { weight },
+                ResidualSwiGluProjection(SwiGluProjection { weight }),
             )?
         }
     };
